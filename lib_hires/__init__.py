@@ -1,0 +1,1 @@
+"""Engine of the high-resolution extension: pure torch, importable without the WebUI."""

@@ -1,0 +1,192 @@
+"""Re-dilated 3x3 convolutions, installed per conv instance through ``_conv_forward``.
+
+``nn.Conv2d.forward`` ends in ``self._conv_forward(input, self.weight, self.bias)``. Whatever the
+WebUI does before that (LoRA merging into ``weight``, fp8 / manual-cast casting, all patched in at
+class level) has already happened when the call reaches an instance-level ``_conv_forward``, so the
+``weight`` argument is the kernel to use. Overriding nothing else keeps module trees, parameters and
+state-dict keys untouched.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from contextlib import contextmanager
+from typing import Collection, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dispersion import DEFAULT_KERNEL_CACHE_BYTES, DispersedKernelCache, dispersion_transform
+
+MAX_FACTOR = 16.0
+_EPS = 1e-9
+
+
+def integer_dilation(factor: float) -> int:
+    """``ceil(d)``, tolerant of float noise (2.0000000001 is 2)."""
+    return max(1, math.ceil(factor - _EPS))
+
+
+def conv_output_size(size: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
+    """Spatial output size of ``conv`` with its own (vanilla) kernel, padding, dilation and stride."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, p, d, k, s in zip(size, conv.padding, conv.dilation, conv.kernel_size, conv.stride))
+
+
+def redilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factor: float, *,
+                     stride=(1, 1), groups: int = 1, padding_mode: str = "zeros",
+                     out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A convolution whose receptive field is scaled by ``factor``.
+
+    Integer ``d``: ``conv2d(x, w, b, stride, padding=d*(k-1)/2, dilation=d)``. Fractional ``d``: with
+    ``D = ceil(d)`` the input is bilinearly resized by ``D/d`` (align_corners=False), convolved with
+    dilation ``D`` and resized back, so the receptive field is ``D / (D/d) = d`` in input pixels. The
+    result always has ``out_size`` (default: the size of a stride-``stride`` 3x3 "same" conv), so skip
+    connections line up also for stride-2 convs and odd sizes.
+    """
+    dilation = integer_dilation(factor)
+    height, width = x.shape[-2:]
+    stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride, stride)
+    if out_size is None:
+        out_size = ((height - 1) // stride[0] + 1, (width - 1) // stride[1] + 1)
+    if dilation != factor:
+        scale = dilation / factor
+        x = F.interpolate(x, size=(round(height * scale), round(width * scale)), mode="bilinear", align_corners=False)
+    pad = dilation * (weight.shape[-1] - 1) // 2
+    if padding_mode == "zeros":
+        y = F.conv2d(x, weight, bias, stride, pad, dilation, groups)
+    else:
+        y = F.conv2d(F.pad(x, (pad, pad, pad, pad), mode=padding_mode), weight, bias, stride, 0, dilation, groups)
+    if tuple(y.shape[-2:]) != tuple(out_size):
+        y = F.interpolate(y, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return y
+
+
+def check_factor(where: str, factor) -> float:
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1.0 <= factor <= MAX_FACTOR:
+        raise ValueError(f"{where}: dilation factor must be a number from 1 to {MAX_FACTOR:g}; got {factor!r}")
+    return float(factor)
+
+
+class ConvHook:
+    """The ``_conv_forward`` of one conv while it is hooked: vanilla until given a factor > 1."""
+
+    __slots__ = ("path", "_conv", "_inner", "_previous", "_had_own", "_kernels", "factor", "dispersed", "detached",
+                 "__weakref__")
+
+    def __init__(self, conv: nn.Conv2d, path: str, kernels: DispersedKernelCache):
+        self.path = path
+        self._conv = weakref.ref(conv)
+        self._had_own = "_conv_forward" in conv.__dict__
+        self._previous = conv.__dict__.get("_conv_forward")
+        self._inner = conv._conv_forward  # another extension's override, or the bound torch method
+        self._kernels = kernels
+        self.factor = 1.0
+        self.dispersed = False
+        self.detached = False
+
+    def __call__(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        factor = self.factor
+        conv = self._conv()
+        if factor <= 1.0 or self.detached or conv is None:
+            return self._inner(input, weight, bias)
+        if self.dispersed:
+            weight = self._kernels.kernel(self, weight)
+            factor = factor / 2  # the 5x5 dispersed kernel already spans twice the 3x3 one
+        return redilated_conv2d(input, weight, bias, factor, stride=conv.stride, groups=conv.groups,
+                                padding_mode=conv.padding_mode, out_size=conv_output_size(input.shape[-2:], conv))
+
+    def install(self) -> None:
+        conv = self._conv()
+        conv._conv_forward = self
+
+    def uninstall(self) -> None:
+        conv = self._conv()
+        self.detached = True
+        if conv is None or conv.__dict__.get("_conv_forward") is not self:
+            # Someone wrapped us afterwards; staying in their chain as a pass-through keeps it valid.
+            return
+        previous, had_own = self._previous, self._had_own
+        while isinstance(previous, ConvHook) and previous.detached:  # skip hooks removed out of order
+            previous, had_own = previous._previous, previous._had_own
+        if had_own:
+            conv._conv_forward = previous
+        else:
+            del conv._conv_forward
+
+
+def _resolve_convs(unet: nn.Module, paths: Collection[str]) -> dict[str, nn.Conv2d]:
+    convs = {}
+    for path in paths:
+        try:
+            module = unet.get_submodule(path)
+        except AttributeError:
+            raise KeyError(f"{path!r}: no such module in this UNet") from None
+        if not isinstance(module, nn.Conv2d) or module.kernel_size != (3, 3) or module.dilation != (1, 1) \
+                or module.padding != (1, 1):
+            raise ValueError(f"{path!r}: only 3x3 convs with padding 1 and no dilation can be re-dilated")
+        convs[path] = module
+    return convs
+
+
+class RedilationHandle:
+    """Hooks on a set of convs whose factors can be changed between UNet calls; undone by ``remove``.
+
+    Until ``set_factors`` gives a conv a factor above 1 it runs exactly as before, so a handle can stay
+    installed for a whole job and be driven per call.
+    """
+
+    def __init__(self, unet: nn.Module, paths: Collection[str], *,
+                 kernel_cache_bytes: int = DEFAULT_KERNEL_CACHE_BYTES):
+        convs = _resolve_convs(unet, paths)  # validate every path before touching any module
+        self.kernels = DispersedKernelCache(dispersion_transform(), kernel_cache_bytes)
+        self.hooks = {path: ConvHook(conv, path, self.kernels) for path, conv in convs.items()}
+        for hook in self.hooks.values():
+            hook.install()
+        self.removed = False
+
+    def set_factors(self, factors: Mapping[str, float], dispersed: Collection[str] = ()) -> None:
+        for path, hook in self.hooks.items():
+            hook.factor = factors.get(path, 1.0)
+            hook.dispersed = path in dispersed
+
+    def clear(self) -> None:
+        for hook in self.hooks.values():
+            hook.factor, hook.dispersed = 1.0, False
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        self.removed = True
+        for hook in self.hooks.values():
+            hook.uninstall()
+        self.kernels.clear()
+
+    def __enter__(self) -> "RedilationHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+@contextmanager
+def redilate(unet: nn.Module, dilations: Mapping[str, float], *, dispersed: Collection[str] = (),
+             kernel_cache_bytes: int = DEFAULT_KERNEL_CACHE_BYTES) -> Iterator[RedilationHandle]:
+    """Runs the convs named in ``dilations`` re-dilated for the duration of the block.
+
+    ``dilations`` maps module paths relative to ``unet`` to effective receptive-field factors (1 to 16;
+    fractional allowed). Paths also in ``dispersed`` use the dispersed 5x5 kernel at half the factor.
+    On exit, also through an exception, every conv is exactly as before.
+    """
+    checked = {path: check_factor(f"dilations[{path!r}]", factor) for path, factor in dilations.items()}
+    dispersed = frozenset(dispersed)
+    stray = sorted(dispersed - checked.keys())
+    if stray:
+        raise ValueError(f"dispersed: {stray} are not in dilations (only re-dilated convs can be dispersed)")
+    handle = RedilationHandle(unet, checked.keys(), kernel_cache_bytes=kernel_cache_bytes)
+    try:
+        handle.set_factors(checked, dispersed)
+        yield handle
+    finally:
+        handle.remove()

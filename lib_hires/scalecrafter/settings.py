@@ -1,0 +1,76 @@
+"""User-facing ScaleCrafter settings: validated once here, serialised the same way for API and infotext."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+NDCFG_MODES = ("auto", "on", "off")
+MULTIPLIER_RANGE = (0.1, 4.0)
+INFOTEXT_KEY = "ScaleCrafter"
+
+
+class SettingsError(ValueError):
+    """A setting is out of range; the message names the field and what is allowed."""
+
+
+def _number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SettingsError(f"{name} must be a number; got {value!r}")
+    if value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise SettingsError(f"{name} must be in {bracket}{low:g}, {high:g}]; got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ScaleCrafterSettings:
+    enabled: bool = False
+    dilation_multiplier: float = 1.0   # scales every preset factor; a layer at or below 1 stays vanilla
+    stop_at: float | None = None       # fraction of the noise schedule after which convs are vanilla; None: preset
+    noise_damped_cfg: str = "auto"     # "auto": where the preset has it; "on": always (vanilla base if none); "off"
+    dispersion: bool = False           # 5x5 dispersed kernels on the preset's dispersion layers
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise SettingsError(f"enabled must be true or false; got {self.enabled!r}")
+        _number("dilation_multiplier", self.dilation_multiplier, *MULTIPLIER_RANGE)
+        if self.stop_at is not None:
+            _number("stop_at", self.stop_at, 0.0, 1.0, low_open=True)
+        if self.noise_damped_cfg not in NDCFG_MODES:
+            raise SettingsError(f"noise_damped_cfg must be one of {', '.join(NDCFG_MODES)}; got {self.noise_damped_cfg!r}")
+        if not isinstance(self.dispersion, bool):
+            raise SettingsError(f"dispersion must be true or false; got {self.dispersion!r}")
+        object.__setattr__(self, "dilation_multiplier", float(self.dilation_multiplier))
+        if self.stop_at is not None:
+            object.__setattr__(self, "stop_at", float(self.stop_at))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ScaleCrafterSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SettingsError(f"unknown ScaleCrafter setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+    def to_infotext(self) -> dict[str, str]:
+        """``{"ScaleCrafter": "<json>"}`` for ``p.extra_generation_params``; nothing when disabled."""
+        if not self.enabled:
+            return {}
+        payload = {k: v for k, v in self.to_dict().items() if k != "enabled"}
+        return {INFOTEXT_KEY: json.dumps(payload, separators=(",", ":"))}
+
+    @classmethod
+    def from_infotext(cls, params: Mapping[str, Any]) -> "ScaleCrafterSettings":
+        raw = params.get(INFOTEXT_KEY)
+        if raw is None:
+            return cls(enabled=False)
+        try:
+            payload = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        except (ValueError, TypeError) as error:
+            raise SettingsError(f"{INFOTEXT_KEY} infotext is not valid JSON: {raw!r}") from error
+        return cls.from_dict({**payload, "enabled": True})

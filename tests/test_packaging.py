@@ -1,0 +1,43 @@
+"""The engine stays WebUI-free and the extension adds no dependencies to the WebUI."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WEBUI_PACKAGES = {"modules", "launch", "webui", "ldm", "sgm", "scripts"}
+SHIPPED_BY_WEBUI = {"torch", "numpy", "einops", "k_diffusion", "safetensors", "gradio"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def engine_files():
+    return [p for p in (ROOT / "lib_hires").rglob("*.py") if "webui" not in p.relative_to(ROOT / "lib_hires").parts]
+
+
+def test_engine_imports_nothing_from_the_webui():
+    files = engine_files()
+    assert files
+    for path in files:
+        assert not imported_roots(path) & WEBUI_PACKAGES, path
+
+
+def test_engine_needs_only_what_the_webui_ships():
+    import sys
+    stdlib = set(sys.stdlib_module_names)
+    for path in engine_files():
+        third_party = imported_roots(path) - stdlib - {"lib_hires"}
+        assert third_party <= SHIPPED_BY_WEBUI, (path, third_party - SHIPPED_BY_WEBUI)
+
+
+def test_install_script_installs_nothing():
+    tree = ast.parse((ROOT / "install.py").read_text())
+    calls = {getattr(n.func, "attr", getattr(n.func, "id", "")) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert not calls & {"run_pip", "run", "check_call", "system", "Popen"}
+    assert "launch" not in imported_roots(ROOT / "install.py")
