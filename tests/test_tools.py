@@ -1,0 +1,24 @@
+"""The demo and the benchmark run end to end (on tiny models, so CI checks the scripts themselves)."""
+import json
+
+from tools import benchmark, demo
+
+
+def test_demo_runs_and_leaves_no_hooks(capsys):
+    assert demo.main(["--steps", "4", "--demo-latent", "32", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "official sd1.5_2048x2048" in out and "hooks left on the UNet: 0" in out
+
+
+def test_demo_rejects_an_unknown_sampler(capsys):
+    assert demo.main(["--sampler", "sample_nope"]) == 2
+
+
+def test_benchmark_reports_every_ratio(tmp_path, capsys):
+    out_file = tmp_path / "bench.json"
+    assert benchmark.main(["--model-size", "tiny", "--spec", "sd1:256:64", "--rounds", "1", "--json", str(out_file)]) == 0
+    (result,) = json.loads(out_file.read_text())
+    assert result["ndcfg_samples"] == 1.5
+    for key in ("redilation_time", "dispersion_time_vs_precomputed", "dispersion_memory", "ndcfg_time"):
+        assert result[key] > 0
+    assert "re-dilation: time vs vanilla" in capsys.readouterr().out
