@@ -1,3 +1,4 @@
+import functools
 import json
 from pathlib import Path
 
@@ -11,18 +12,25 @@ from tools.unet_factory import build_unet
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PRESETS_JSON = SHARED / "reference" / "scalecrafter-presets.json"
 
-K_DIFFUSION = load_k_diffusion()
 # Random weights can push SiLU/softmax into denormal floats, which CPUs process ~100x slower.
 torch.set_flush_denormal(True)
 
 
+@functools.lru_cache(maxsize=None)
+def _k_diffusion():
+    return load_k_diffusion()
+
+
 def pytest_report_header(config):
-    return K_DIFFUSION.describe()
+    try:
+        return _k_diffusion().describe()
+    except ImportError as error:  # e.g. under the WebUI's interpreter before it has booted
+        return f"k-diffusion: not importable yet ({error})"
 
 
 @pytest.fixture(scope="session")
 def k_diffusion():
-    return K_DIFFUSION
+    return _k_diffusion()
 
 
 @pytest.fixture(scope="session")
