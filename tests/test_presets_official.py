@@ -3,6 +3,7 @@
 Expected values are computed here straight from ../shared/reference/scalecrafter-presets.json (the
 layer tables of the official repository re-keyed to WebUI module paths) with the official schedule.
 """
+import json
 import math
 
 import pytest
@@ -10,8 +11,6 @@ import torch
 
 from lib_hires.scalecrafter import ScaleCrafterSettings, build_plan, redilate, resolve_dilations
 from tests.conftest import PRESETS_JSON, tiny_unet
-
-import json
 
 _DATA = json.loads(PRESETS_JSON.read_text()) if PRESETS_JSON.exists() else {}
 CONFIGS = [(fam, res) for fam in ("sd1", "sd2", "sdxl") for res in _DATA.get(fam, {})]

@@ -29,6 +29,7 @@ class ScaleCrafterPlan:
     train_size: int
     settings: ScaleCrafterSettings
     preset: Preset
+    layout: UNetLayout
     main: Mapping[str, float]            # path -> factor before the time schedule
     tau: float
     progressive: bool
@@ -71,11 +72,14 @@ class ScaleCrafterPlan:
         return out
 
     def describe(self) -> str:
+        group_of = {s.path: s.group for s in self.layout.sites}
+
         def summary(factors: Mapping[str, float]) -> str:
             groups: dict[str, set[float]] = {}
             for path, d in factors.items():
-                groups.setdefault(_group_of(path, self), set()).add(round(d, 3))
-            return ", ".join(f"{g} {'/'.join(f'{d:g}' for d in sorted(ds))}" for g, ds in sorted(groups.items(), key=_group_order)) or "none"
+                groups.setdefault(group_of[path], set()).add(round(d, 3))
+            ordered = sorted(groups.items(), key=lambda item: _GROUP_ORDER.get(item[0], len(_GROUP_ORDER)))
+            return ", ".join(f"{g} {'/'.join(f'{d:g}' for d in sorted(ds))}" for g, ds in ordered) or "none"
 
         def until(tau: float) -> str:
             t = last_active_timestep(tau)
@@ -98,19 +102,6 @@ class ScaleCrafterPlan:
 
 
 _GROUP_ORDER = {g: i for i, g in enumerate(["D0", "D1", "D2", "D3", "M", "U0", "U1", "U2", "U3"])}
-
-
-def _group_order(item) -> int:
-    return _GROUP_ORDER.get(item[0], 99)
-
-
-def _group_of(path: str, plan: ScaleCrafterPlan) -> str:
-    return _layout_groups(plan.family).get(path, "?")
-
-
-@functools.lru_cache(maxsize=None)
-def _layout_groups(family: str) -> dict[str, str]:
-    return {s.path: s.group for s in canonical_layout(family).sites}
 
 
 def _apply_multiplier(factors: Mapping[str, float], multiplier: float, notes: list[str]) -> dict[str, float]:
@@ -169,8 +160,8 @@ def build_plan(family: str, width: int, height: int, settings: ScaleCrafterSetti
             notes.append("dispersion requested, but none of the dispersion layers is dilated at this size")
     if not main:
         notes.append("nothing is dilated at this size")
-    return ScaleCrafterPlan(family, width, height, train_size, settings, preset, main, tau, preset.progressive and bool(main),
-                            base, base_tau, dispersed, tuple(notes))
+    return ScaleCrafterPlan(family, width, height, train_size, settings, preset, layout, main, tau,
+                            preset.progressive and bool(main), base, base_tau, dispersed, tuple(notes))
 
 
 @functools.lru_cache(maxsize=256)
