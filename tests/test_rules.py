@@ -122,13 +122,8 @@ def test_bad_plan_input_names_the_field(args, message):
         resolve_dilations(*args, 500)
 
 
-def test_settings_round_trip_through_api_dicts_and_infotext():
+def test_engine_settings_round_trip_through_dicts():
     s = ScaleCrafterSettings(enabled=True, dilation_multiplier=1.25, stop_at=0.6, noise_damped_cfg="off", dispersion=True)
     assert ScaleCrafterSettings.from_dict(s.to_dict()) == s
-    assert ScaleCrafterSettings.from_infotext(s.to_infotext()) == s
-    assert ScaleCrafterSettings(enabled=False).to_infotext() == {}
-    assert ScaleCrafterSettings.from_infotext({"Steps": "20"}) == ScaleCrafterSettings(enabled=False)
     with pytest.raises(SettingsError, match="unknown ScaleCrafter setting"):
         ScaleCrafterSettings.from_dict({"enabled": True, "tau": 3})
-    with pytest.raises(SettingsError, match="not valid JSON"):
-        ScaleCrafterSettings.from_infotext({"ScaleCrafter": "{oops"})

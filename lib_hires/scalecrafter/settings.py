@@ -1,14 +1,12 @@
-"""User-facing ScaleCrafter settings: validated once here, serialised the same way for API and infotext."""
+"""The ScaleCrafter engine's settings (the WebUI-facing object is ``lib_hires.settings.ScaleFusionSettings``)."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 NDCFG_MODES = ("auto", "on", "off")
 MULTIPLIER_RANGE = (0.1, 4.0)
-INFOTEXT_KEY = "ScaleCrafter"
 
 
 class SettingsError(ValueError):
@@ -56,21 +54,3 @@ class ScaleCrafterSettings:
         if unknown:
             raise SettingsError(f"unknown ScaleCrafter setting(s) {unknown}; known: {sorted(known)}")
         return cls(**dict(data))
-
-    def to_infotext(self) -> dict[str, str]:
-        """``{"ScaleCrafter": "<json>"}`` for ``p.extra_generation_params``; nothing when disabled."""
-        if not self.enabled:
-            return {}
-        payload = {k: v for k, v in self.to_dict().items() if k != "enabled"}
-        return {INFOTEXT_KEY: json.dumps(payload, separators=(",", ":"))}
-
-    @classmethod
-    def from_infotext(cls, params: Mapping[str, Any]) -> "ScaleCrafterSettings":
-        raw = params.get(INFOTEXT_KEY)
-        if raw is None:
-            return cls(enabled=False)
-        try:
-            payload = json.loads(raw) if isinstance(raw, str) else dict(raw)
-        except (ValueError, TypeError) as error:
-            raise SettingsError(f"{INFOTEXT_KEY} infotext is not valid JSON: {raw!r}") from error
-        return cls.from_dict({**payload, "enabled": True})

@@ -1,0 +1,253 @@
+"""What the user asks of the extension: one typed object for the UI, the API and the infotext.
+
+Every setting is declared once in ``FIELDS`` (name, type, range, default, infotext key, help). The
+order of ``FIELDS`` is the order of the WebUI components, hence of the positional API arguments. The
+same :class:`ScaleFusionSettings` object is built from positional UI/API values, from an API dict, or
+from a pasted infotext, and validation happens only in its ``__post_init__``: a bad value raises a
+:class:`SettingsError` whose message names the field and what it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from .scalecrafter.settings import MULTIPLIER_RANGE, NDCFG_MODES, ScaleCrafterSettings, SettingsError
+
+TITLE = "ScaleFusion"
+METHODS = ("ScaleCrafter", "DemoFusion")
+PASSES = ("both", "first", "hires")
+DEMOFUSION_REDILATION = ("off", "first stage", "global path", "both")
+SCALE_RANGE = (1.5, 4.0)
+
+__all__ = ["FIELDS", "Field", "METHODS", "ScaleFusionSettings", "SettingsError", "TITLE"]
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str                       # API key, dataclass field
+    label: str                      # UI label
+    infotext: str                   # infotext key
+    kind: str                       # "bool" | "choice" | "float" | "int"
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    method: str | None = None       # the method it belongs to; None: common to both
+    auto: str | None = None         # the meaning of None ("preset", "auto"); the UI sends 0 for it
+    low_open: bool = False
+    step: float | None = None       # UI slider step
+    help: str = ""
+
+    def allowed(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return "one of " + ", ".join(f'"{c}"' for c in self.choices)
+        bracket = "(" if self.low_open else "["
+        what = "an integer" if self.kind == "int" else "a number"
+        text = f"{what} in {bracket}{self.low:g}, {self.high:g}]"
+        return text + (f", or 0 / null for {self.auto}" if self.auto else "")
+
+    def check(self, value: Any) -> Any:
+        """The normalised value, or a SettingsError naming this field."""
+        def fail():
+            return SettingsError(f"{TITLE}: {self.name} must be {self.allowed()}; got {value!r}")
+
+        if self.auto and (value is None or (_is_number(value) and value == 0)):
+            return None
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise fail()
+            return value
+        if self.kind == "choice":
+            if isinstance(value, str):
+                for choice in self.choices:
+                    if value.strip().lower() == choice.lower():
+                        return choice
+            raise fail()
+        if not _is_number(value):
+            raise fail()
+        if self.kind == "int":
+            if value != int(value):
+                raise fail()
+            value = int(value)
+        if value > self.high or value < self.low or (self.low_open and value == self.low):
+            raise fail()
+        return value if self.kind == "int" else float(value)
+
+    def to_ui(self, value: Any) -> Any:
+        return 0 if value is None and self.auto else value
+
+    def to_text(self, value: Any) -> str:
+        if value is None:
+            return self.auto
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    def from_text(self, text: Any) -> Any:
+        """Infotext values arrive as strings; a malformed one raises a SettingsError."""
+        if not isinstance(text, str):
+            return self.check(text)
+        text = text.strip()
+        if self.auto and text.lower() == self.auto:
+            return None
+        if self.kind == "bool":
+            if text.lower() not in ("true", "false"):
+                raise SettingsError(f"{TITLE}: infotext {self.infotext!r} must be True or False; got {text!r}")
+            return text.lower() == "true"
+        if self.kind == "choice":
+            return self.check(text)
+        try:
+            number = float(text)
+        except ValueError:
+            raise SettingsError(f"{TITLE}: infotext {self.infotext!r} must be a number; got {text!r}") from None
+        return self.check(number)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+SC, DF = METHODS
+FIELDS: tuple[Field, ...] = (
+    Field("enabled", "ScaleFusion", TITLE, "bool", False,
+          help="turn the extension on for this generation"),
+    Field("method", "Method", TITLE, "choice", SC, choices=METHODS,
+          help="ScaleCrafter: one pass at the full size with re-dilated convolutions; DemoFusion: progressive "
+               "upscaling from the set size, with local views and dilated global sampling"),
+    # ScaleCrafter
+    Field("dilation_multiplier", "Dilation multiplier", "ScaleCrafter multiplier", "float", 1.0,
+          *MULTIPLIER_RANGE, method=SC, step=0.05,
+          help="multiplies every dilation factor of the preset; a layer at or below 1 stays vanilla"),
+    Field("stop_at", "Stop at (0 = preset)", "ScaleCrafter stop at", "float", None, 0.0, 1.0, method=SC,
+          auto="preset", low_open=True, step=0.01,
+          help="fraction of the noise schedule after which every convolution is vanilla again"),
+    Field("noise_damped_cfg", "Noise-damped CFG", "ScaleCrafter noise-damped CFG", "choice", "auto",
+          choices=NDCFG_MODES, method=SC,
+          help="auto: where the preset uses it (large sizes); on: always; off: plain CFG"),
+    Field("dispersion", "Dispersion (5x5 kernels)", "ScaleCrafter dispersion", "bool", False, method=SC,
+          help="dispersed 5x5 kernels on the official dispersion layers while they are dilated"),
+    Field("passes", "With Hires. fix, apply to", "ScaleCrafter passes", "choice", "both", choices=PASSES,
+          method=SC, help="which pass gets ScaleCrafter when Hires. fix is on; each pass gets its own plan"),
+    # DemoFusion
+    Field("scale", "Scale", "DemoFusion scale", "float", 2.0, *SCALE_RANGE, method=DF, step=0.05,
+          help="final size = Width/Height x scale; Width/Height are the first stage"),
+    Field("stride", "Stride (latent px, 0 = window/2)", "DemoFusion stride", "int", None, 8, 256, method=DF,
+          auto="auto", step=8, help="distance between local views; must not exceed the model's window"),
+    Field("view_batch", "View batch", "DemoFusion view batch", "int", 16, 1, 64, method=DF, step=1,
+          help="views per UNet call (each counts cond + uncond rows)"),
+    Field("cosine_scale_1", "Cosine scale 1 (skip residual)", "DemoFusion c1", "float", 3.0, 0.0, 10.0, method=DF,
+          step=0.1, help="decay of the skip residual; lower keeps closer to the previous stage"),
+    Field("cosine_scale_2", "Cosine scale 2 (dilated sampling)", "DemoFusion c2", "float", 1.0, 0.0, 10.0,
+          method=DF, step=0.1, help="decay of the dilated global path; lower: less repetition, more grain"),
+    Field("cosine_scale_3", "Cosine scale 3 (Gaussian blur)", "DemoFusion c3", "float", 1.0, 0.0, 10.0,
+          method=DF, step=0.1, help="decay of the blur of the global path; lower: less grain, smoother"),
+    Field("sigma", "Blur sigma", "DemoFusion sigma", "float", 0.8, 0.01, 2.0, method=DF, step=0.01,
+          help="standard deviation of the Gaussian blur at the start of sampling"),
+    Field("jitter", "Random jitter of views", "DemoFusion jitter", "bool", True, method=DF,
+          help="shift local views randomly every step (seeded from the image seed)"),
+    Field("save_stages", "Save every stage", "DemoFusion save stages", "bool", False, method=DF,
+          help="also save the image of every intermediate stage"),
+    Field("low_vram", "Low VRAM (same image)", "DemoFusion low VRAM", "bool", False, method=DF,
+          help="one view per UNet call: slower, much less memory, identical result"),
+    Field("redilation", "ScaleCrafter inside DemoFusion", "DemoFusion re-dilation", "choice", "off",
+          choices=DEMOFUSION_REDILATION, method=DF,
+          help="re-dilate the UNet (ScaleCrafter preset) in the first stage and/or the global path"),
+)
+FIELD_BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class ScaleFusionSettings:
+    enabled: bool = False
+    method: str = SC
+    dilation_multiplier: float = 1.0
+    stop_at: float | None = None
+    noise_damped_cfg: str = "auto"
+    dispersion: bool = False
+    passes: str = "both"
+    scale: float = 2.0
+    stride: int | None = None
+    view_batch: int = 16
+    cosine_scale_1: float = 3.0
+    cosine_scale_2: float = 1.0
+    cosine_scale_3: float = 1.0
+    sigma: float = 0.8
+    jitter: bool = True
+    save_stages: bool = False
+    low_vram: bool = False
+    redilation: str = "off"
+
+    def __post_init__(self):
+        for f in FIELDS:
+            object.__setattr__(self, f.name, f.check(getattr(self, f.name)))
+
+    # construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], defaults: "ScaleFusionSettings | None" = None) -> "ScaleFusionSettings":
+        """The API's dict form; keys missing from ``data`` keep ``defaults``."""
+        unknown = sorted(set(data) - FIELD_BY_NAME.keys())
+        if unknown:
+            raise SettingsError(f"{TITLE}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                                f"known keys: {', '.join(FIELD_BY_NAME)}")
+        return dataclasses.replace(defaults or cls(), **data)
+
+    @classmethod
+    def from_script_args(cls, args: Sequence[Any], defaults: "ScaleFusionSettings | None" = None
+                         ) -> "ScaleFusionSettings":
+        """The Script's ``*args``: a dict in ``args[0]`` (API), or the positional values in UI order."""
+        if args and isinstance(args[0], Mapping):
+            return cls.from_dict(args[0], defaults)
+        if len(args) > len(FIELDS):
+            raise SettingsError(f"{TITLE}: expected at most {len(FIELDS)} positional arguments "
+                                f"({', '.join(FIELD_BY_NAME)}); got {len(args)}")
+        values = {}
+        for position, (f, value) in enumerate(zip(FIELDS, args)):
+            try:
+                values[f.name] = f.check(value)
+            except SettingsError as error:
+                raise SettingsError(f"{error} (positional argument {position})") from None
+        return dataclasses.replace(defaults or cls(), **values)
+
+    @classmethod
+    def from_infotext(cls, params: Mapping[str, Any]) -> "ScaleFusionSettings":
+        """Settings from pasted generation parameters; without our key the extension is off."""
+        method = params.get(TITLE)
+        if method is None:
+            return cls(enabled=False)
+        values = {"enabled": True, "method": FIELD_BY_NAME["method"].from_text(method)}
+        for f in FIELDS:
+            if f.method is not None and f.infotext in params:
+                values[f.name] = f.from_text(params[f.infotext])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "ScaleFusionSettings":
+        return dataclasses.replace(self, **changes)
+
+    # serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def ui_values(self) -> list[Any]:
+        return [f.to_ui(getattr(self, f.name)) for f in FIELDS]
+
+    def fields_in_use(self) -> tuple[Field, ...]:
+        return tuple(f for f in FIELDS if f.method == self.method)
+
+    def to_infotext(self) -> dict[str, str]:
+        """Generation parameters: the method under ``ScaleFusion`` plus that method's settings."""
+        if not self.enabled:
+            return {}
+        out = {TITLE: self.method}
+        out.update({f.infotext: f.to_text(getattr(self, f.name)) for f in self.fields_in_use()})
+        return out
+
+    # what the engines take ----------------------------------------------------------------------
+    def scalecrafter(self) -> ScaleCrafterSettings:
+        return ScaleCrafterSettings(enabled=True, dilation_multiplier=self.dilation_multiplier,
+                                    stop_at=self.stop_at, noise_damped_cfg=self.noise_damped_cfg,
+                                    dispersion=self.dispersion)
+
+    def applies_to_pass(self, is_hires_pass: bool) -> bool:
+        return self.passes == "both" or self.passes == ("hires" if is_hires_pass else "first")

@@ -1,0 +1,48 @@
+"""Short human-readable summaries of what a generation will do, for the accordion header and the console."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .scalecrafter import UNetLayout, build_plan
+from .settings import SettingsError, ScaleFusionSettings
+
+UNET_MULTIPLE = 64  # three stride-2 levels of the SD UNet at a VAE factor of 8
+
+
+@dataclass(frozen=True)
+class Summary:
+    header: str       # one line, for the accordion header
+    details: str      # several lines, for the accordion body / console
+    warnings: tuple[str, ...] = ()
+
+
+def size_warnings(width: int, height: int) -> list[str]:
+    """The UNet only lines up its skip connections exactly at multiples of 64 pixels."""
+    out = []
+    for name, value in (("width", width), ("height", height)):
+        if value % UNET_MULTIPLE:
+            out.append(f"{name} {value} is not a multiple of {UNET_MULTIPLE}: allowed without loss are multiples of "
+                       f"{UNET_MULTIPLE} (e.g. {value // UNET_MULTIPLE * UNET_MULTIPLE} or "
+                       f"{(value // UNET_MULTIPLE + 1) * UNET_MULTIPLE}); other sizes work, but the UNet resizes "
+                       "its skip connections, as the WebUI always does")
+    return out
+
+
+def short_source(source: str) -> str:
+    """"official sd1.5_2048x2048" -> "sd1.5_2048x2048"; "rule s=3 (long side ...)..." -> "rule s=3"."""
+    if source.startswith("official "):
+        return source.split(" ")[1]
+    return source.split(" (")[0].split(":")[0]
+
+
+def scalecrafter_summary(family: str, train_size: int, width: int, height: int, settings: ScaleFusionSettings,
+                         layout: UNetLayout | None = None) -> Summary:
+    try:
+        plan = build_plan(family, width, height, settings.scalecrafter(), layout=layout, train_size=train_size)
+    except SettingsError as error:
+        return Summary(f"{width}×{height}: {error}", str(error), (str(error),))
+    dilated = "no dilation at this size" if not plan.main else \
+        f"max dilation {max(plan.main.values()):g}" + (", noise-damped CFG" if plan.base is not None else "")
+    header = f"{width}×{height} · latent {width // 8}×{height // 8} · {short_source(plan.preset.source)} · {dilated}"
+    warnings = tuple(size_warnings(width, height))
+    return Summary(header, plan.describe(), warnings)

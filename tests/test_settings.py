@@ -1,0 +1,131 @@
+"""The user-facing settings: positional and dict API forms, validation messages, infotext round trip."""
+import dataclasses
+
+import pytest
+
+from lib_hires.settings import FIELDS, METHODS, ScaleFusionSettings, SettingsError
+from lib_hires.summary import scalecrafter_summary, short_source, size_warnings
+
+NAMES = [f.name for f in FIELDS]
+
+
+def test_fields_match_the_dataclass_in_order_and_defaults():
+    assert NAMES == [f.name for f in dataclasses.fields(ScaleFusionSettings)]
+    defaults = ScaleFusionSettings()
+    assert [getattr(defaults, f.name) for f in FIELDS] == [f.default for f in FIELDS]
+    assert NAMES[:2] == ["enabled", "method"]  # args[0] is the accordion; the dict form replaces it
+
+
+def test_positional_values_in_ui_order():
+    values = ScaleFusionSettings(enabled=True, dilation_multiplier=1.5, stop_at=0.5).ui_values()
+    assert len(values) == len(FIELDS)
+    parsed = ScaleFusionSettings.from_script_args(values)
+    assert parsed.enabled and parsed.dilation_multiplier == 1.5 and parsed.stop_at == 0.5
+    # the UI sends 0 for "preset" / "auto"
+    assert ScaleFusionSettings.from_script_args(ScaleFusionSettings().ui_values()) == ScaleFusionSettings()
+    assert ScaleFusionSettings().ui_values()[NAMES.index("stop_at")] == 0
+
+
+def test_missing_trailing_positional_values_keep_the_defaults():
+    defaults = ScaleFusionSettings(view_batch=4)
+    parsed = ScaleFusionSettings.from_script_args([True, "demofusion"], defaults)
+    assert parsed == ScaleFusionSettings(enabled=True, method="DemoFusion", view_batch=4)
+
+
+def test_dict_form_is_named_and_case_insensitive_for_choices():
+    parsed = ScaleFusionSettings.from_script_args([{"enabled": True, "method": "demoFUSION", "scale": 2.5}, False, "x"])
+    assert parsed == ScaleFusionSettings(enabled=True, method="DemoFusion", scale=2.5)
+    parsed = ScaleFusionSettings.from_script_args([{"enabled": True, "noise_damped_cfg": "ON", "stop_at": None}])
+    assert parsed.noise_damped_cfg == "on" and parsed.stop_at is None
+    assert ScaleFusionSettings.from_dict({"view_batch": 8.0}).view_batch == 8
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"enabled": "yes"}, r"enabled must be true or false; got 'yes'"),
+    ({"method": "Tiled"}, r'method must be one of "ScaleCrafter", "DemoFusion"; got \'Tiled\''),
+    ({"dilation_multiplier": 5}, r"dilation_multiplier must be a number in \[0.1, 4\]; got 5"),
+    ({"dilation_multiplier": "2"}, r"dilation_multiplier must be a number"),
+    ({"stop_at": 1.5}, r"stop_at must be a number in \(0, 1\], or 0 / null for preset; got 1.5"),
+    ({"scale": 1.0}, r"scale must be a number in \[1.5, 4\]; got 1.0"),
+    ({"scale": float("nan")}, r"scale must be a number"),
+    ({"view_batch": 2.5}, r"view_batch must be an integer in \[1, 64\]; got 2.5"),
+    ({"view_batch": True}, r"view_batch must be an integer"),
+    ({"stride": 4}, r"stride must be an integer in \[8, 256\], or 0 / null for auto; got 4"),
+    ({"tau": 3}, r"unknown key\(s\) 'tau'; known keys: enabled, method, "),
+])
+def test_bad_values_name_the_field_and_the_allowed_range(data, message):
+    with pytest.raises(SettingsError, match=r"^ScaleFusion: " + message):
+        ScaleFusionSettings.from_script_args([data])
+
+
+def test_bad_positional_value_names_its_position():
+    with pytest.raises(SettingsError, match=r"dilation_multiplier must be .* \(positional argument 2\)"):
+        ScaleFusionSettings.from_script_args([True, "ScaleCrafter", 9.0])
+    with pytest.raises(SettingsError, match="at most 18 positional arguments"):
+        ScaleFusionSettings.from_script_args([False] * 19)
+
+
+@pytest.mark.parametrize("settings", [
+    ScaleFusionSettings(enabled=True, dilation_multiplier=1.25, stop_at=0.6, noise_damped_cfg="off", dispersion=True,
+                        passes="hires"),
+    ScaleFusionSettings(enabled=True, method="DemoFusion", scale=2.5, stride=48, view_batch=4, cosine_scale_1=2.5,
+                        sigma=0.6, jitter=False, save_stages=True, low_vram=True, redilation="global path"),
+    ScaleFusionSettings(enabled=True),
+])
+def test_infotext_round_trip(settings):
+    text = settings.to_infotext()
+    assert text["ScaleFusion"] == settings.method
+    assert all(isinstance(v, str) for v in text.values())
+    # only the active method's settings are written
+    other = [f.infotext for f in FIELDS if f.method not in (None, settings.method)]
+    assert not set(text) & set(other)
+    pasted = ScaleFusionSettings.from_infotext({"Steps": "20", **text})
+    for f in settings.fields_in_use():
+        assert getattr(pasted, f.name) == getattr(settings, f.name), f.name
+    assert pasted.method == settings.method and pasted.enabled
+
+
+def test_infotext_without_our_keys_leaves_the_extension_off():
+    assert ScaleFusionSettings().to_infotext() == {}
+    assert ScaleFusionSettings.from_infotext({"Steps": "20", "Size": "512x512"}) == ScaleFusionSettings()
+
+
+def test_malformed_infotext_is_refused_with_the_key():
+    with pytest.raises(SettingsError, match="'ScaleCrafter multiplier' must be a number; got 'lots'"):
+        ScaleFusionSettings.from_infotext({"ScaleFusion": "ScaleCrafter", "ScaleCrafter multiplier": "lots"})
+    with pytest.raises(SettingsError, match="method must be one of"):
+        ScaleFusionSettings.from_infotext({"ScaleFusion": "Magic"})
+
+
+def test_engine_settings_and_passes():
+    s = ScaleFusionSettings(enabled=True, dilation_multiplier=2.0, stop_at=0.4, noise_damped_cfg="on", passes="first")
+    engine = s.scalecrafter()
+    assert (engine.dilation_multiplier, engine.stop_at, engine.noise_damped_cfg) == (2.0, 0.4, "on")
+    assert s.applies_to_pass(False) and not s.applies_to_pass(True)
+    assert ScaleFusionSettings().applies_to_pass(True) and ScaleFusionSettings().applies_to_pass(False)
+
+
+def test_every_method_has_settings_and_every_field_documents_itself():
+    for method in METHODS:
+        assert ScaleFusionSettings(method=method).fields_in_use()
+    for f in FIELDS:
+        assert f.help and f.label and f.infotext
+        f.check(f.default)
+
+
+def test_summary_names_the_preset_and_sizes():
+    s = ScaleFusionSettings(enabled=True)
+    summary = scalecrafter_summary("sd1", 512, 2048, 2048, s)
+    assert summary.header == "2048×2048 · latent 256×256 · sd1.5_2048x2048 · max dilation 4, noise-damped CFG"
+    assert "ScaleCrafter plan: sd1 2048x2048" in summary.details and not summary.warnings
+    summary = scalecrafter_summary("sdxl", 1024, 1000, 1536, s)
+    assert "rule s=1.5" in summary.header and len(summary.warnings) == 1 and "width 1000" in summary.warnings[0]
+    assert "no dilation" in scalecrafter_summary("sd1", 512, 512, 512, s).header
+    assert "width must be a multiple of 8" in scalecrafter_summary("sd1", 512, 9000, 512, s).header
+
+
+def test_size_warnings_and_short_source():
+    assert size_warnings(1024, 576) == []
+    assert "multiples of 64 (e.g. 960 or 1024)" in size_warnings(1000, 1024)[0]
+    assert short_source("official sd1.5_1024x1024") == "sd1.5_1024x1024"
+    assert short_source("rule s=3 (long side 3x, short side 2x): interpolated") == "rule s=3"
