@@ -1,0 +1,74 @@
+"""What the loaded checkpoint is, in the engine's terms, and whether the extension can work on it."""
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+
+from torch import nn
+
+from lib_hires.scalecrafter import UNetLayout, infer_family, scan_unet, training_size
+from lib_hires.settings import TITLE
+
+
+class UnsupportedModelError(RuntimeError):
+    """The loaded model cannot be used with the extension; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    family: str          # "sd1" | "sd2" | "sdxl"
+    train_size: int      # pixels per side the model was trained at
+    unet: nn.Module      # shared.sd_model.model.diffusion_model
+    layout: UNetLayout
+
+    @property
+    def window(self) -> int:
+        """The training size in latent pixels: DemoFusion's view size."""
+        return self.train_size // 8
+
+
+_layouts: "weakref.WeakKeyDictionary[nn.Module, UNetLayout]" = weakref.WeakKeyDictionary()
+
+
+def _layout(unet: nn.Module) -> UNetLayout:
+    if unet not in _layouts:
+        _layouts[unet] = scan_unet(unet)
+    return _layouts[unet]
+
+
+def describe(sd_model) -> ModelInfo:
+    """Family, training size and UNet layout of the WebUI's model; refuses SD3 and non-UNet models."""
+    name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "the loaded model"
+    if getattr(sd_model, "is_sd3", False):
+        raise UnsupportedModelError(f"{TITLE}: {name} is an SD3 (MMDiT) model; ScaleCrafter and DemoFusion work on "
+                                    f"SD1.x, SD2.x and SDXL UNets only. Turn {TITLE} off or load another checkpoint.")
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    if unet is None:
+        raise UnsupportedModelError(f"{TITLE}: {name} has no UNet at model.diffusion_model")
+    try:
+        layout = _layout(unet)
+    except ValueError as error:
+        raise UnsupportedModelError(f"{TITLE}: {name}: {error}") from None
+    if getattr(sd_model, "is_sdxl", False):
+        family = "sdxl"
+    elif getattr(sd_model, "is_sd2", False):
+        family = "sd2"
+    elif getattr(sd_model, "is_sd1", False):
+        family = "sd1"
+    else:
+        family = infer_family(unet)
+    v_prediction = getattr(sd_model, "parameterization", "eps") == "v"
+    return ModelInfo(family, training_size(family, v_prediction=v_prediction), unet, layout)
+
+
+@functools.lru_cache(maxsize=1)
+def _sd_unet_module():
+    from modules import sd_unet
+    return sd_unet
+
+
+def replacement_unet_active() -> str | None:
+    """Name of an active ``sd_unet`` replacement (TensorRT, ...), which bypasses the UNet's modules."""
+    option = _sd_unet_module().current_unet_option
+    return None if _sd_unet_module().current_unet is None else getattr(option, "label", "an sd_unet replacement")
