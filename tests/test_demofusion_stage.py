@@ -164,6 +164,8 @@ def test_k_diffusion_euler_with_the_fused_inner_model_equals_sample_stage(k_diff
         x.copy_(skip_residual(x, z_up, noise, sigma, c1))  # the step continues from x̂
         return guided(x, sigma, **kw)
 
+    # it stands in for the inner model object: the sampler can still read the wrapped one's schedule
+    assert torch.equal(fused.sigmas, compvis.sigmas) and torch.equal(fused.get_sigmas(3), compvis.get_sigmas(3))
     driven = k_diffusion.sampling.sample_euler(webui_model, z_up + sigmas[0] * noise, sigmas, extra_args=extra,
                                                disable=True)
     assert fused.model_calls == fused.evaluations == 4  # 9 windows + 4 samples of 16x16 in one call per step

@@ -3,7 +3,8 @@
 ``FusedDenoiser(denoiser, ...)`` has the signature of the denoiser it wraps,
 ``fused(x, sigma, **extra_args) -> x0``, for any k-diffusion-style denoiser; in the WebUI it takes
 the place of ``CFGDenoiser.inner_model`` and so sees every row of the CFG batch (the cond rows of
-each image, then the uncond rows). Per evaluation at noise level ``sigma`` (timestep ``t``):
+each image, then the uncond rows); attributes it lacks (``sigmas``, ``get_sigmas``, ...) are read from
+the wrapped denoiser, so it can replace that object outright. Per evaluation at noise level ``sigma`` (timestep ``t``):
 
     D_local  = average over local views v of D(pad0(x)[v])        (the zero band cropped away)
     D_global = D(B_sub) + (x - B)_sub for the s^2 dilated samples   (see ``dilated.py``)
@@ -81,6 +82,13 @@ class FusedDenoiser:
                    view_batch=settings.view_batch, cosine_scale_2=settings.cosine_scale_2,
                    cosine_scale_3=settings.cosine_scale_3, sigma=settings.sigma, sigma_to_t=sigma_to_t,
                    jitter=jitter if settings.jitter else None, view_cond=view_cond, before_call=before_call)
+
+    def __getattr__(self, name: str):
+        # Anything else is the wrapped denoiser's, so the fused one can replace the WebUI's inner model
+        # object, whose sigmas, sigma_to_t, get_sigmas... the sampler reads.
+        if name == "denoiser":
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)
 
     def views_for(self, sigma: torch.Tensor, height: int, width: int) -> list[LocalView]:
         """The local views at this noise level; drawn anew when sigma or the size changes."""
