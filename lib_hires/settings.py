@@ -116,6 +116,10 @@ FIELDS: tuple[Field, ...] = (
     Field("method", "Method", TITLE, "choice", SC, choices=METHODS,
           help="ScaleCrafter: one pass at the full size with re-dilated convolutions; DemoFusion: progressive "
                "upscaling from the set size, with local views and dilated global sampling"),
+    Field("native_size", "Native size (px, 0 = from the model)", "ScaleFusion native size", "int", None, 128, 2048,
+          auto="auto", step=64,
+          help="the resolution the checkpoint was trained at: sizes are planned relative to it (SD1 512, SD2 512 or "
+               "768, SDXL 1024); set it for fine-tunes trained at another size"),
     # ScaleCrafter
     Field("dilation_multiplier", "Dilation multiplier", "ScaleCrafter multiplier", "float", 1.0,
           *MULTIPLIER_RANGE, method=SC, step=0.05,
@@ -158,10 +162,17 @@ FIELDS: tuple[Field, ...] = (
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
 
 
+def ui_sections() -> tuple[tuple[Field, ...], dict[str, tuple[Field, ...]]]:
+    """The fields shown for every method (after "enabled" and "method"), and those of each method."""
+    common = tuple(f for f in FIELDS[2:] if f.method is None)
+    return common, {m: tuple(f for f in FIELDS if f.method == m) for m in METHODS}
+
+
 @dataclass(frozen=True)
 class ScaleFusionSettings:
     enabled: bool = False
     method: str = SC
+    native_size: int | None = None
     dilation_multiplier: float = 1.0
     stop_at: float | None = None
     noise_damped_cfg: str = "auto"
@@ -217,8 +228,8 @@ class ScaleFusionSettings:
         if method is None:
             return cls(enabled=False)
         values = {"enabled": True, "method": FIELD_BY_NAME["method"].from_text(method)}
-        for f in FIELDS:
-            if f.method is not None and f.infotext in params:
+        for f in FIELDS[2:]:
+            if f.infotext in params:
                 values[f.name] = f.from_text(params[f.infotext])
         return cls(**values)
 
@@ -233,7 +244,8 @@ class ScaleFusionSettings:
         return [f.to_ui(getattr(self, f.name)) for f in FIELDS]
 
     def fields_in_use(self) -> tuple[Field, ...]:
-        return tuple(f for f in FIELDS if f.method == self.method)
+        """The settings after "enabled" and "method" that matter for the chosen method."""
+        return tuple(f for f in FIELDS[2:] if f.method in (None, self.method))
 
     def to_infotext(self) -> dict[str, str]:
         """Generation parameters: the method under ``ScaleFusion`` plus that method's settings."""

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from lib_hires.settings import FIELDS, METHODS, ScaleFusionSettings, SettingsError
+from lib_hires.settings import FIELDS, METHODS, ScaleFusionSettings, SettingsError, ui_sections
 from lib_hires.summary import scalecrafter_summary, short_source, size_warnings
 
 NAMES = [f.name for f in FIELDS]
@@ -14,6 +14,12 @@ def test_fields_match_the_dataclass_in_order_and_defaults():
     defaults = ScaleFusionSettings()
     assert [getattr(defaults, f.name) for f in FIELDS] == [f.default for f in FIELDS]
     assert NAMES[:2] == ["enabled", "method"]  # args[0] is the accordion; the dict form replaces it
+
+
+def test_the_accordion_shows_every_field_once():
+    common, by_method = ui_sections()
+    shown = ["enabled", "method", *(f.name for f in common), *(f.name for m in METHODS for f in by_method[m])]
+    assert sorted(shown) == sorted(NAMES) and len(shown) == len(set(shown))
 
 
 def test_positional_values_in_ui_order():
@@ -51,6 +57,7 @@ def test_dict_form_is_named_and_case_insensitive_for_choices():
     ({"view_batch": 2.5}, r"view_batch must be an integer in \[1, 64\]; got 2.5"),
     ({"view_batch": True}, r"view_batch must be an integer"),
     ({"stride": 4}, r"stride must be an integer in \[8, 256\], or 0 / null for auto; got 4"),
+    ({"native_size": 100}, r"native_size must be an integer in \[128, 2048\], or 0 / null for auto; got 100"),
     ({"tau": 3}, r"unknown key\(s\) 'tau'; known keys: enabled, method, "),
 ])
 def test_bad_values_name_the_field_and_the_allowed_range(data, message):
@@ -59,16 +66,16 @@ def test_bad_values_name_the_field_and_the_allowed_range(data, message):
 
 
 def test_bad_positional_value_names_its_position():
-    with pytest.raises(SettingsError, match=r"dilation_multiplier must be .* \(positional argument 2\)"):
-        ScaleFusionSettings.from_script_args([True, "ScaleCrafter", 9.0])
-    with pytest.raises(SettingsError, match="at most 18 positional arguments"):
-        ScaleFusionSettings.from_script_args([False] * 19)
+    with pytest.raises(SettingsError, match=r"dilation_multiplier must be .* \(positional argument 3\)"):
+        ScaleFusionSettings.from_script_args([True, "ScaleCrafter", 0, 9.0])
+    with pytest.raises(SettingsError, match="at most 19 positional arguments"):
+        ScaleFusionSettings.from_script_args([False] * 20)
 
 
 @pytest.mark.parametrize("settings", [
     ScaleFusionSettings(enabled=True, dilation_multiplier=1.25, stop_at=0.6, noise_damped_cfg="off", dispersion=True,
                         passes="hires"),
-    ScaleFusionSettings(enabled=True, method="DemoFusion", scale=2.5, stride=48, view_batch=4, cosine_scale_1=2.5,
+    ScaleFusionSettings(enabled=True, method="DemoFusion", native_size=768, scale=2.5, stride=48, view_batch=4, cosine_scale_1=2.5,
                         sigma=0.6, jitter=False, save_stages=True, low_vram=True, redilation="global path"),
     ScaleFusionSettings(enabled=True),
 ])

@@ -37,8 +37,11 @@ def _layout(unet: nn.Module) -> UNetLayout:
     return _layouts[unet]
 
 
-def describe(sd_model) -> ModelInfo:
-    """Family, training size and UNet layout of the WebUI's model; refuses SD3 and non-UNet models."""
+def describe(sd_model, native_size: int | None = None) -> ModelInfo:
+    """Family, training size and UNet layout of the WebUI's model; refuses SD3 and non-UNet models.
+
+    ``native_size`` (the user's setting) replaces the family's training size, for fine-tunes.
+    """
     name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "the loaded model"
     if getattr(sd_model, "is_sd3", False):
         raise UnsupportedModelError(f"{TITLE}: {name} is an SD3 (MMDiT) model; ScaleCrafter and DemoFusion work on "
@@ -59,7 +62,7 @@ def describe(sd_model) -> ModelInfo:
     else:
         family = infer_family(unet)
     v_prediction = getattr(sd_model, "parameterization", "eps") == "v"
-    return ModelInfo(family, training_size(family, v_prediction=v_prediction), unet, layout)
+    return ModelInfo(family, native_size or training_size(family, v_prediction=v_prediction), unet, layout)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,110 @@
+"""ScaleFusion: ScaleCrafter and DemoFusion in the WebUI (txt2img, img2img, Hires. fix and the API).
+
+Thin by design: the accordion is built from the settings table in ``lib_hires.settings``, and every hook
+hands over to ``lib_hires.webui.job``.
+"""
+from __future__ import annotations
+
+import html
+
+from modules import script_callbacks, scripts, shared
+
+from lib_hires.settings import FIELDS, TITLE, ScaleFusionSettings, SettingsError
+from lib_hires.summary import scalecrafter_summary
+from lib_hires.webui import job, model_info, options, ui, xyz
+from lib_hires.webui.scalecrafter_pass import on_cfg_denoiser
+
+try:
+    from modules.infotext_utils import PasteField
+except ImportError:  # WebUI before 1.8
+    def PasteField(component, target, api=None):  # noqa: N802 - stands in for the class
+        return component, target
+
+
+def _pasted(params) -> ScaleFusionSettings | None:
+    try:
+        return ScaleFusionSettings.from_infotext(params)
+    except SettingsError as error:
+        job.log(f"ignoring pasted settings: {error}")
+        return None
+
+
+def _paste_target(field):
+    if field.name == "enabled":
+        return lambda params: TITLE in params
+
+    def target(params):
+        if field.infotext not in params and field.name != "method":
+            return None  # keeps the current value; "enabled" already turns the extension off
+        settings = _pasted(params)
+        return None if settings is None or not settings.enabled else field.to_ui(getattr(settings, field.name))
+    return target
+
+
+def _summarize(settings: ScaleFusionSettings, width: int, height: int) -> tuple[str, str]:
+    try:
+        info = model_info.describe(shared.sd_model, settings.native_size)
+    except (model_info.UnsupportedModelError, AttributeError) as error:
+        return html.escape(str(error)), ""
+    summary = scalecrafter_summary(info.family, info.train_size, width, height, settings, info.layout)
+    details = "\n".join([summary.details, *(f"warning: {w}" for w in summary.warnings)])
+    prefix = "" if settings.enabled else "off · "
+    return (f"<span class='scalefusion-summary'>{html.escape(prefix + summary.header)}</span>",
+            f"<pre class='scalefusion-plan'>{html.escape(details)}</pre>")
+
+
+class ScaleFusionScript(scripts.Script):
+    section = "accordions"
+    create_group = False
+
+    def __init__(self):
+        super().__init__()
+        self.size_components = {}
+
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def after_component(self, component, **kwargs):
+        elem_id = kwargs.get("elem_id") or ""
+        for tab in ("txt2img", "img2img"):
+            for side in ("width", "height"):
+                if elem_id == f"{tab}_{side}":
+                    self.size_components[(tab, side)] = component
+
+    def ui(self, is_img2img):
+        accordion = ui.build(options.defaults(shared.opts), self.elem_id)
+        tab = "img2img" if is_img2img else "txt2img"
+        width, height = self.size_components.get((tab, "width")), self.size_components.get((tab, "height"))
+        if width is not None and height is not None:
+            ui.connect_size_limit(accordion.by_name["enabled"], width, height)
+            ui.connect_summary(accordion, width, height, _summarize)
+        self.infotext_fields = [PasteField(accordion.by_name[f.name], _paste_target(f)) for f in FIELDS]
+        self.paste_field_names = []
+        return accordion.components
+
+    def before_process(self, p, *args):
+        job.begin(p, args, options.defaults(shared.opts))
+
+    def process(self, p, *args):
+        active = job.job_of(p)
+        if active is not None:
+            active.write_infotext(p)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        active = job.job_of(p)
+        if active is not None:
+            active.start_pass(p, kwargs["x"])
+
+    def postprocess(self, p, processed, *args):
+        active = job.job_of(p)
+        if active is not None:
+            active.finish()
+
+
+script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+script_callbacks.on_ui_settings(lambda: options.register(shared))
+script_callbacks.on_before_ui(lambda: xyz.register(scripts.scripts_data))
+script_callbacks.on_script_unloaded(job.remove_all_hooks)
