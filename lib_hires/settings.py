@@ -78,7 +78,10 @@ class Field:
         return value if self.kind == "int" else float(value)
 
     def to_ui(self, value: Any) -> Any:
-        return 0 if value is None and self.auto else value
+        """The component value; its Python type matters (the API casts pasted values to it)."""
+        if value is None and self.auto:
+            return 0 if self.kind == "int" else 0.0
+        return value
 
     def to_text(self, value: Any) -> str:
         if value is None:

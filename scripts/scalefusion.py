@@ -106,5 +106,8 @@ class ScaleFusionScript(scripts.Script):
 
 script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
 script_callbacks.on_ui_settings(lambda: options.register(shared))
+# The API-only server builds the script UIs before on_before_ui fires, so the axes are added now as well
+# (the X/Y/Z script, in the WebUI's own scripts folder, is loaded before any extension).
+xyz.register(scripts.scripts_data)
 script_callbacks.on_before_ui(lambda: xyz.register(scripts.scripts_data))
 script_callbacks.on_script_unloaded(job.remove_all_hooks)

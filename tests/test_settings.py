@@ -29,7 +29,11 @@ def test_positional_values_in_ui_order():
     assert parsed.enabled and parsed.dilation_multiplier == 1.5 and parsed.stop_at == 0.5
     # the UI sends 0 for "preset" / "auto"
     assert ScaleFusionSettings.from_script_args(ScaleFusionSettings().ui_values()) == ScaleFusionSettings()
-    assert ScaleFusionSettings().ui_values()[NAMES.index("stop_at")] == 0
+    values = ScaleFusionSettings().ui_values()
+    assert values[NAMES.index("stop_at")] == 0 and isinstance(values[NAMES.index("stop_at")], float)
+    # the API converts pasted infotext values to the type of the component's default value
+    for f, value in zip(FIELDS, values):
+        assert isinstance(value, {"bool": bool, "choice": str, "int": int, "float": float}[f.kind]), f.name
 
 
 def test_missing_trailing_positional_values_keep_the_defaults():

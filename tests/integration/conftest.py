@@ -6,17 +6,21 @@ Run with the WebUI's own interpreter (it carries ldm, sgm, the LoRA extension an
 
 The WebUI needs the tiny checkpoints and LoRAs of ../shared/fixtures/webui/models in its models folder.
 """
+import base64
+import io
+import json
 import os
 import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
 FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
          "--use-cpu", "all", "--no-half", "--precision", "full", "--disable-safe-unpickle",
-         "--skip-load-model-at-start"]
+         "--skip-load-model-at-start", "--opt-sdp-attention"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -73,3 +77,76 @@ def load_checkpoint(webui):
 
     yield load
     load("tiny-sd1")
+
+
+@pytest.fixture(scope="session")
+def api(webui):
+    """The WebUI's REST API in-process: HTTP semantics (status codes, the Script's argument handling,
+    infotext) plus access to the model for checks no HTTP answer shows."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from modules.api.api import Api
+    from modules.call_queue import queue_lock
+
+    app = FastAPI()
+    Api(app, queue_lock)  # builds the script UIs as the API-only server does
+    return TestClient(app)
+
+
+class Result:
+    def __init__(self, response):
+        self.status = response.status_code
+        self.json = response.json()
+        self.images, self.infotext = [], ""
+        if self.status == 200:
+            self.images = [np.asarray(_png(b)) for b in self.json["images"]]
+            self.infotext = json.loads(self.json["info"])["infotexts"][0]
+
+    @property
+    def image(self):
+        return self.images[0]
+
+    @property
+    def size(self):
+        return self.image.shape[1], self.image.shape[0]
+
+    def params(self):
+        from modules import infotext_utils
+        return infotext_utils.parse_generation_parameters(self.infotext)
+
+
+def _png(b64):
+    from PIL import Image
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+
+
+def png_b64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+PLAIN = dict(prompt="a cat", negative_prompt="", steps=4, sampler_name="Euler", width=256, height=256, seed=7,
+             cfg_scale=7, send_images=True, save_images=False)
+
+
+@pytest.fixture(scope="session")
+def txt2img(api):
+    def run(**payload):
+        return Result(api.post("/sdapi/v1/txt2img", json={**PLAIN, **payload}))
+    return run
+
+
+@pytest.fixture(scope="session")
+def img2img(api):
+    def run(**payload):
+        return Result(api.post("/sdapi/v1/img2img", json={**PLAIN, **payload}))
+    return run
+
+
+@pytest.fixture(scope="session")
+def fresh_plain(txt2img):
+    """A plain request on a server that has not run the extension yet: later plain requests must equal it."""
+    result = txt2img()
+    assert result.status == 200
+    return result
