@@ -165,10 +165,17 @@ FIELDS: tuple[Field, ...] = (
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
 
 
-def ui_sections() -> tuple[tuple[Field, ...], dict[str, tuple[Field, ...]]]:
-    """The fields shown for every method (after "enabled" and "method"), and those of each method."""
-    common = tuple(f for f in FIELDS[2:] if f.method is None)
-    return common, {m: tuple(f for f in FIELDS if f.method == m) for m in METHODS}
+# Rows of the accordion: first the rows shown for every method, then each method's own group.
+UI_ROWS: dict[str | None, tuple[tuple[str, ...], ...]] = {
+    None: (("method", "native_size"),),
+    SC: (("dilation_multiplier", "stop_at"), ("noise_damped_cfg", "passes"), ("dispersion",)),
+    DF: (("scale", "stride", "view_batch"), ("cosine_scale_1", "cosine_scale_2", "cosine_scale_3"),
+         ("sigma", "redilation"), ("jitter", "save_stages", "low_vram")),
+}
+
+
+def ui_rows(method: str | None) -> tuple[tuple[Field, ...], ...]:
+    return tuple(tuple(FIELD_BY_NAME[name] for name in row) for row in UI_ROWS[method])
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class ScaleFusionScript(scripts.Script):
 
     def __init__(self):
         super().__init__()
+        self.accordion = None
         self.size_components = {}
 
     def title(self):
@@ -68,22 +69,26 @@ class ScaleFusionScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def after_component(self, component, **kwargs):
-        elem_id = kwargs.get("elem_id") or ""
-        for tab in ("txt2img", "img2img"):
-            for side in ("width", "height"):
-                if elem_id == f"{tab}_{side}":
-                    self.size_components[(tab, side)] = component
+        # Width/Height are created after the accordions section: wire the summary once both exist.
+        tab = "img2img" if self.is_img2img else "txt2img"
+        if kwargs.get("elem_id") in (f"{tab}_width", f"{tab}_height"):
+            self.size_components[kwargs["elem_id"].rsplit("_", 1)[1]] = component
+            self._connect_size_events()
+
+    def _connect_size_events(self):
+        width, height = self.size_components.get("width"), self.size_components.get("height")
+        if self.accordion is None or width is None or height is None or self.accordion.size_events:
+            return
+        ui.connect_size_limit(self.accordion.by_name["enabled"], width, height)
+        ui.connect_summary(self.accordion, width, height, _summarize)
+        self.accordion.size_events = True
 
     def ui(self, is_img2img):
-        accordion = ui.build(options.defaults(shared.opts), self.elem_id)
-        tab = "img2img" if is_img2img else "txt2img"
-        width, height = self.size_components.get((tab, "width")), self.size_components.get((tab, "height"))
-        if width is not None and height is not None:
-            ui.connect_size_limit(accordion.by_name["enabled"], width, height)
-            ui.connect_summary(accordion, width, height, _summarize)
-        self.infotext_fields = [PasteField(accordion.by_name[f.name], _paste_target(f)) for f in FIELDS]
+        self.accordion = ui.build(options.defaults(shared.opts), self.elem_id)
+        self._connect_size_events()
+        self.infotext_fields = [PasteField(self.accordion.by_name[f.name], _paste_target(f)) for f in FIELDS]
         self.paste_field_names = []
-        return accordion.components
+        return self.accordion.components
 
     def before_process(self, p, *args):
         job.begin(p, args, options.defaults(shared.opts))

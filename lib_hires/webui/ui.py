@@ -7,13 +7,9 @@ from typing import Callable
 
 import gradio as gr
 
-from lib_hires.settings import FIELDS, METHODS, Field, ScaleFusionSettings, SettingsError, ui_sections
+from lib_hires.settings import FIELDS, METHODS, Field, ScaleFusionSettings, SettingsError, ui_rows
 
-try:
-    from modules.ui_components import FormHTML, InputAccordion
-except ImportError:  # WebUI before 1.7: no InputAccordion
-    InputAccordion = None
-    from modules.ui_components import FormHTML
+from modules.ui_components import FormHTML, InputAccordion
 
 SLIDER_LIMIT = 2048     # the WebUI's Width/Height maximum
 RAISED_LIMIT = 4096
@@ -25,6 +21,7 @@ class Accordion:
     by_name: dict = field(default_factory=dict)
     header: object = None
     details: object = None
+    size_events: bool = False   # the Width/Height events are connected
 
 
 def _component(f: Field, value, elem_id: Callable[[str], str]):
@@ -40,31 +37,23 @@ def _component(f: Field, value, elem_id: Callable[[str], str]):
 def build(defaults: ScaleFusionSettings, elem_id: Callable[[str], str]) -> Accordion:
     """Creates the components inside the current gradio Blocks context (called again by the API: no state)."""
     acc = Accordion()
-    method_field = FIELDS[1]
-    common, by_method = ui_sections()
-    if InputAccordion is not None:
-        enabled = InputAccordion(defaults.enabled, label="ScaleFusion", elem_id=elem_id("enable"))
-        context = enabled
-    else:
-        context = gr.Accordion("ScaleFusion", open=False)
-    with context:
-        if InputAccordion is not None:
-            with enabled.extra():
-                acc.header = FormHTML(value="", min_width=0, elem_id=elem_id("header"),
-                                      elem_classes=["scalefusion-header"])
-        else:
-            enabled = gr.Checkbox(label="Enable", value=defaults.enabled, elem_id=elem_id("enable"))
-            acc.header = gr.HTML(value="", elem_id=elem_id("header"))
+
+    def rows(method):
+        for row in ui_rows(method):
+            with gr.Row():
+                for f in row:
+                    acc.by_name[f.name] = _component(f, getattr(defaults, f.name), elem_id)
+
+    with InputAccordion(defaults.enabled, label="ScaleFusion", elem_id=elem_id("enable")) as enabled:
+        with enabled.extra():
+            acc.header = FormHTML(value="", min_width=0, elem_id=elem_id("header"), elem_classes=["scalefusion-header"])
         acc.by_name["enabled"] = enabled
-        with gr.Row():
-            for f in (method_field, *common):
-                acc.by_name[f.name] = _component(f, getattr(defaults, f.name), elem_id)
+        rows(None)
         groups = {}
         for method in METHODS:
             with gr.Group(visible=defaults.method == method, elem_id=elem_id(f"{method.lower()}_settings")) as group:
                 groups[method] = group
-                for f in by_method[method]:
-                    acc.by_name[f.name] = _component(f, getattr(defaults, f.name), elem_id)
+                rows(method)
         acc.details = gr.HTML(value="", elem_id=elem_id("details"), elem_classes=["scalefusion-details"])
     acc.components = [acc.by_name[f.name] for f in FIELDS]
     acc.by_name["method"].change(fn=lambda m: [gr.update(visible=m == method) for method in METHODS],
