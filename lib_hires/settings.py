@@ -153,7 +153,7 @@ FIELDS: tuple[Field, ...] = (
     Field("sigma", "Blur sigma", "DemoFusion sigma", "float", 0.8, 0.01, 2.0, method=DF, step=0.01,
           help="standard deviation of the Gaussian blur at the start of sampling"),
     Field("jitter", "Random jitter of views", "DemoFusion jitter", "bool", True, method=DF,
-          help="shift local views randomly every step (seeded from the image seed)"),
+          help="shift local views randomly every step (reproducibly: the same settings give the same views)"),
     Field("save_stages", "Save every stage", "DemoFusion save stages", "bool", False, method=DF,
           help="also save the image of every intermediate stage"),
     Field("low_vram", "Low VRAM (same image)", "DemoFusion low VRAM", "bool", False, method=DF,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .demofusion import plan_stages
 from .scalecrafter import UNetLayout, build_plan
 from .settings import SettingsError, ScaleFusionSettings
 
@@ -46,3 +47,20 @@ def scalecrafter_summary(family: str, train_size: int, width: int, height: int, 
     header = f"{width}×{height} · latent {width // 8}×{height // 8} · {short_source(plan.preset.source)} · {dilated}"
     warnings = tuple(size_warnings(width, height))
     return Summary(header, plan.describe(), warnings)
+
+
+def demofusion_summary(train_size: int, width: int, height: int, settings: ScaleFusionSettings) -> Summary:
+    window = train_size // 8
+    stride = settings.stride or window // 2
+    try:
+        if stride > window:
+            raise ValueError(f"stride must be at most the model's window of {window} latent px; got {stride}")
+        plan = plan_stages(width // 8 * 8, height // 8 * 8, settings.scale, window=window, stride=stride)
+    except ValueError as error:
+        return Summary(f"{width}×{height}: {error}", str(error), (str(error),))
+    final = plan.final
+    factors = " → ".join(f"×{stage.factor:.3g}" for stage in plan.stages)
+    header = (f"{width}×{height} → {final.width}×{final.height} · latent {final.width // 8}×{final.height // 8} · "
+              f"stages {factors}")
+    view_batch = 1 if settings.low_vram else settings.view_batch
+    return Summary(header, plan.describe(view_batch), tuple(size_warnings(width, height)))

@@ -9,9 +9,9 @@ import html
 
 from modules import script_callbacks, scripts, shared
 
-from lib_hires.settings import FIELDS, TITLE, ScaleFusionSettings, SettingsError
-from lib_hires.summary import scalecrafter_summary
-from lib_hires.webui import job, model_info, options, ui, xyz
+from lib_hires.settings import DF, FIELDS, TITLE, ScaleFusionSettings, SettingsError
+from lib_hires.summary import demofusion_summary, scalecrafter_summary
+from lib_hires.webui import decoding, job, model_info, options, ui, xyz
 from lib_hires.webui.scalecrafter_pass import on_cfg_denoiser
 
 try:
@@ -46,7 +46,10 @@ def _summarize(settings: ScaleFusionSettings, width: int, height: int) -> tuple[
         info = model_info.describe(shared.sd_model, settings.native_size)
     except (model_info.UnsupportedModelError, AttributeError) as error:
         return html.escape(str(error)), ""
-    summary = scalecrafter_summary(info.family, info.train_size, width, height, settings, info.layout)
+    if settings.method == DF:
+        summary = demofusion_summary(info.train_size, width, height, settings)
+    else:
+        summary = scalecrafter_summary(info.family, info.train_size, width, height, settings, info.layout)
     details = "\n".join([summary.details, *(f"warning: {w}" for w in summary.warnings)])
     prefix = "" if settings.enabled else "off · "
     return (f"<span class='scalefusion-summary'>{html.escape(prefix + summary.header)}</span>",
@@ -102,6 +105,10 @@ class ScaleFusionScript(scripts.Script):
         active = job.job_of(p)
         if active is not None:
             active.start_pass(p, kwargs["x"])
+
+    def post_sample(self, p, ps, *args):
+        if job.job_of(p) is not None:
+            decoding.post_sample(p, ps)
 
     def postprocess(self, p, processed, *args):
         active = job.job_of(p)

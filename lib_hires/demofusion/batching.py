@@ -21,16 +21,19 @@ def repeat_rows(value: Any, rows: int, times: int) -> Any:
     ``{"crossattn": t, "vector": t, ...}``). Other tensors, e.g. a ``[1, ...]`` tensor that broadcasts
     over the batch, and non-tensors pass unchanged.
     """
+    if times == 1:
+        return value
     if isinstance(value, torch.Tensor):
-        if times == 1 or value.ndim == 0 or value.shape[0] != rows:
+        if value.ndim == 0 or value.shape[0] != rows:
             return value
         return value.repeat(times, *([1] * (value.ndim - 1)))
     if isinstance(value, dict):
         return {k: repeat_rows(v, rows, times) for k, v in value.items()}
     if isinstance(value, list):
         return [repeat_rows(v, rows, times) for v in value]
-    if isinstance(value, tuple):
-        return tuple(repeat_rows(v, rows, times) for v in value)
+    if isinstance(value, tuple):  # a named tuple keeps its type
+        items = [repeat_rows(v, rows, times) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     return value
 
 

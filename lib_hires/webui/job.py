@@ -9,41 +9,24 @@ from __future__ import annotations
 
 import weakref
 
-from fastapi import HTTPException
-
-from lib_hires.settings import SC, TITLE, ScaleFusionSettings, SettingsError
+from lib_hires.settings import DF, SC, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import short_source, size_warnings
 
 from . import model_info, xyz
+from .demofusion_sampler import DemoFusionRun, FinalSizeConditioning, stage_plan, unsupported_reason
+from .messages import RequestError, log
 from .scalecrafter_pass import ScaleCrafterPass, plan_for_latent
 
 JOB_ATTR = "scalefusion_job"
-_live_passes: "weakref.WeakSet[ScaleCrafterPass]" = weakref.WeakSet()
-
-
-class RequestError(HTTPException):
-    """A request the extension cannot serve; the API answers 422 with this message.
-
-    Raised from the replaced ``p.sample``: the WebUI swallows exceptions raised in Script hooks, but
-    not this one, and its API error handler uses the exception's ``status_code``.
-    """
-
-    def __init__(self, message: str):
-        super().__init__(status_code=422, detail=message)
-
-    def __str__(self) -> str:
-        return str(self.detail)
-
-
-def log(message: str) -> None:
-    print(f"[{TITLE}] {message}")
+MAX_SIDE = 8192
+_live_hooks: "weakref.WeakSet" = weakref.WeakSet()   # anything with remove() that a pass installed
 
 
 def remove_all_hooks() -> None:
-    """Removes every pass still installed (after a crash elsewhere, or on "Reload UI")."""
-    for active in list(_live_passes):
-        active.remove()
-        _live_passes.discard(active)
+    """Removes every hook still installed (after a crash elsewhere, or on "Reload UI")."""
+    for hook in list(_live_hooks):
+        hook.remove()
+        _live_hooks.discard(hook)
 
 
 def _refuse(p, message: str) -> None:
@@ -59,13 +42,17 @@ class Job:
     def __init__(self, p, settings: ScaleFusionSettings):
         self.settings = settings
         self.info: model_info.ModelInfo | None = None
-        self.active: ScaleCrafterPass | None = None
+        self.hooks: list = []
         original_sample = p.sample
+        self.run = DemoFusionRun(p, self, original_sample) if settings.method == DF else None
 
         def sample(*args, **kwargs):
             self.info = self._check_model(p)  # here, not in before_process: the checkpoint may change in between
-            self._check_sizes(p)
+            if self.info is not None:
+                self._check_request(p)
             try:
+                if self.run is not None and self.info is not None:
+                    return self.run(*args, **kwargs)
                 return original_sample(*args, **kwargs)
             finally:
                 self.end_pass()
@@ -86,9 +73,19 @@ class Job:
             return None
         return info
 
-    def _check_sizes(self, p) -> None:
-        """Sizes the engine cannot plan for are refused before any sampling starts."""
-        if self.info is None or self.settings.method != SC:
+    def _check_request(self, p) -> None:
+        """What the engines cannot do is refused before any sampling starts."""
+        if self.settings.method == DF:
+            reason = unsupported_reason(p) or self._timestep_sampler_reason(p)
+            if reason:
+                raise RequestError(reason)
+            try:
+                plan = stage_plan(self.settings, self.info, p.width, p.height)
+            except ValueError as error:
+                raise RequestError(str(error) if str(error).startswith(TITLE) else f"{TITLE}: {error}") from None
+            if max(plan.final.width, plan.final.height) > MAX_SIDE:
+                raise RequestError(f"{TITLE}: DemoFusion's final size {plan.final.width}x{plan.final.height} exceeds "
+                                   f"{MAX_SIDE} px per side; lower scale ({self.settings.scale:g}) or Width/Height")
             return
         sizes = [(p.width, p.height)]
         if getattr(p, "enable_hr", False):
@@ -99,34 +96,66 @@ class Job:
             except SettingsError as error:
                 raise RequestError(f"{TITLE}: {error}") from None
 
+    @staticmethod
+    def _timestep_sampler_reason(p) -> str | None:
+        from modules import sd_samplers, sd_samplers_timesteps
+        if sd_samplers.find_sampler_config(p.sampler_name) in sd_samplers_timesteps.samplers_data_timesteps:
+            return (f"{TITLE}: DemoFusion needs a k-diffusion sampler (Euler, Euler a, DPM++ 2M, DPM++ SDE, ...); "
+                    f"{p.sampler_name} is a timestep sampler (DDIM, PLMS, UniPC are not supported)")
+        return None
+
     def write_infotext(self, p) -> None:
         p.extra_generation_params.update(self.settings.to_infotext())
 
     def start_pass(self, p, x) -> None:
-        """``process_before_every_sampling``: arms ScaleCrafter for the latent that is about to be sampled."""
+        """``process_before_every_sampling``: arms what this pass needs for the latent about to be sampled."""
         self.end_pass()
-        if self.settings.method != SC or self.info is None:
+        if self.info is None:
+            return
+        if self.run is not None:
+            self._start_demofusion_pass(p, x)
             return
         is_hires = bool(getattr(p, "is_hr_pass", False))
         if getattr(p, "enable_hr", False) and not self.settings.applies_to_pass(is_hires):
             return
-        latent_hw = tuple(x.shape[-2:])
+        self._arm_scalecrafter(p, tuple(x.shape[-2:]), p.sampler.model_wrap_cfg,
+                               "ScaleCrafter hires preset" if is_hires else "ScaleCrafter preset")
+
+    def _start_demofusion_pass(self, p, x) -> None:
+        stage, redilation = self.run.stage, self.settings.redilation
+        if stage is None:
+            return
+        if stage.index == 1:
+            if self.run.size_cond is not None:
+                self._add(FinalSizeConditioning(p.sampler.model_wrap_cfg.inner_model, self.run.size_cond))
+            if redilation in ("first stage", "both"):
+                self._arm_scalecrafter(p, tuple(x.shape[-2:]), p.sampler.model_wrap_cfg, "DemoFusion stage 1 preset")
+        elif redilation in ("global path", "both"):
+            # Only UNet calls at the dilated samples' size match this plan; local views stay vanilla.
+            self._arm_scalecrafter(p, stage.sample_size, None, f"DemoFusion stage {stage.index} global preset")
+
+    def _arm_scalecrafter(self, p, latent_hw, cfg_denoiser, infotext_key: str) -> None:
         plan = plan_for_latent(self.info, self.settings, latent_hw)
-        key = "ScaleCrafter hires preset" if is_hires else "ScaleCrafter preset"
-        p.extra_generation_params[key] = short_source(plan.preset.source)
+        p.extra_generation_params[infotext_key] = short_source(plan.preset.source)
         log(plan.describe())
         for warning in size_warnings(plan.width, plan.height):
             log(f"warning: {warning}")
-        if plan.is_noop:
-            return
-        self.active = ScaleCrafterPass(plan, self.info, p.sampler.model_wrap_cfg, p.sd_model)
-        _live_passes.add(self.active)
+        if not plan.is_noop:
+            self._add(ScaleCrafterPass(plan, self.info, cfg_denoiser, p.sd_model))
+
+    def _add(self, hook) -> None:
+        self.hooks.append(hook)
+        _live_hooks.add(hook)
+
+    @property
+    def active(self) -> ScaleCrafterPass | None:
+        return next((h for h in self.hooks if isinstance(h, ScaleCrafterPass)), None)
 
     def end_pass(self) -> None:
-        if self.active is not None:
-            self.active.remove()
-            _live_passes.discard(self.active)
-            self.active = None
+        while self.hooks:
+            hook = self.hooks.pop()
+            hook.remove()
+            _live_hooks.discard(hook)
 
     def finish(self) -> None:
         self.end_pass()

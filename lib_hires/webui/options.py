@@ -5,6 +5,8 @@ import gradio as gr
 
 from lib_hires.settings import FIELDS, Field, ScaleFusionSettings, SettingsError
 
+from . import decoding
+
 SECTION = ("scalefusion", "ScaleFusion")
 
 
@@ -28,6 +30,13 @@ def register(shared) -> None:
         label = f"Default: {f.label}" + (f" ({f.method})" if f.method else "")
         shared.opts.add_option(option_key(f), shared.OptionInfo(f.to_ui(f.default), label, component, args,
                                                                 section=SECTION).info(f.help))
+    shared.opts.add_option(decoding.THRESHOLD_OPTION, shared.OptionInfo(
+        decoding.DEFAULT_THRESHOLD_MP, "Decode in tiles above this many megapixels (0 = always)", gr.Slider,
+        {"minimum": 0, "maximum": 64, "step": 0.5}, section=SECTION).info(
+        "ScaleFusion outputs above it are decoded tile by tile, unless Tiled VAE is on"))
+    shared.opts.add_option(decoding.TILE_OPTION, shared.OptionInfo(
+        decoding.DEFAULT_TILE, "Decode tile size (latent px)", gr.Slider, {"minimum": 32, "maximum": 256, "step": 8},
+        section=SECTION).info("smaller tiles need less memory; neighbours overlap by a quarter tile"))
 
 
 def defaults(opts) -> ScaleFusionSettings:

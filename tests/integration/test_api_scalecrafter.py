@@ -25,7 +25,7 @@ def hooks_left(webui):
     from lib_hires.webui import job, scalecrafter_pass
     unet = webui.sd_model.model.diffusion_model
     return (sum("_conv_forward" in vars(m) for m in unet.modules()) + len(unet._forward_pre_hooks)
-            + len(job._live_passes) + (scalecrafter_pass._capture.denoiser is not None))
+            + len(job._live_hooks) + (scalecrafter_pass._capture.denoiser is not None))
 
 
 def assert_clean(webui, txt2img, fresh_plain):

@@ -1,0 +1,250 @@
+"""DemoFusion through the WebUI's own samplers: the stage loop that takes the place of ``p.sample``.
+
+Stage 1 is the WebUI's normal sampling at Width/Height (in img2img: the encoded input image). Each
+later stage upsamples the latent bicubically, makes a new ``p.rng`` of the stage's shape (the stage's
+noise, and what ancestral/SDE samplers draw), a fresh sampler, calls ``process_before_every_sampling``
+for every extension, and samples with ``sample_img2img`` from ``z' + sigma_0 noise``. Three instance
+patches on that sampler carry the algorithm, so the ``CFGDenoiser`` still runs once per step (prompt
+editing, previews, ``last_latent``, ControlNet's step gating stay right):
+
+* ``CFGDenoiser.forward``: the skip residual, written into the sampler's state ``x`` in place at the
+  first evaluation of each step (k-diffusion samplers keep using that tensor after the model call);
+* ``callback_state``: marks step boundaries for that;
+* ``inner_model.forward``: the :class:`~lib_hires.demofusion.FusedDenoiser` (local views and the
+  dilated path), which sees every cond and uncond row, plus SDXL crops and ControlNet hints per call.
+
+After each stage every image is re-standardised to its stage-1 latent's mean and std (the official
+"anchor"). An interrupt or skip ends the loop with the current stage's full latent.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, plan_stages, repeat_rows,
+                                  restandardize, row_stats, skip_residual, skip_weight, upsample_latent)
+from lib_hires.settings import TITLE, ScaleFusionSettings
+
+from . import decoding
+from .controlnet_hints import StageHints, control_params
+from .messages import log
+from .model_info import ModelInfo
+from .sdxl_conditioning import SizeConditioning
+
+PREVIEW_MAX_SIDE = 128  # latent px: a bigger live preview is decoded smaller, so it cannot run out of memory
+
+
+def engine_settings(settings: ScaleFusionSettings, info: ModelInfo) -> DemoFusionSettings:
+    window = info.window
+    stride = settings.stride or window // 2
+    if stride > window:
+        raise ValueError(f"{TITLE}: stride must be at most the model's window of {window} latent px "
+                         f"(native size {info.train_size} / 8); got {stride}")
+    return DemoFusionSettings(window=window, stride=stride, view_batch=1 if settings.low_vram else settings.view_batch,
+                              cosine_scale_1=settings.cosine_scale_1, cosine_scale_2=settings.cosine_scale_2,
+                              cosine_scale_3=settings.cosine_scale_3, sigma=settings.sigma, jitter=settings.jitter)
+
+
+def stage_plan(settings: ScaleFusionSettings, info: ModelInfo, width: int, height: int) -> StagePlan:
+    engine = engine_settings(settings, info)
+    return plan_stages(width // 8 * 8, height // 8 * 8, settings.scale, window=engine.window, stride=engine.stride)
+
+
+def unsupported_reason(p) -> str | None:
+    """Why DemoFusion cannot run this job, or None."""
+    model = p.sd_model
+    if getattr(p, "enable_hr", False):
+        return f"{TITLE}: DemoFusion replaces Hires. fix (its first stage is Width/Height); turn Hires. fix off"
+    if getattr(model.model, "conditioning_key", None) in {"hybrid", "concat"} or getattr(model, "is_sdxl_inpaint", False) \
+            or getattr(model, "cond_stage_key", None) == "edit":
+        return f"{TITLE}: DemoFusion does not support inpainting, depth or instruct-pix2pix checkpoints"
+    if getattr(p, "image_mask", None) is not None:
+        return f"{TITLE}: DemoFusion upscales whole images; inpainting masks are not supported"
+    return None
+
+
+class StageSampling:
+    """The instance patches of one later stage on ``p.sampler``; ``remove()`` undoes them."""
+
+    def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator,
+                 size_cond: SizeConditioning | None, hints: StageHints | None, interrupted):
+        self.sampler = p.sampler
+        self.cfg = p.sampler.model_wrap_cfg
+        self.inner = self.cfg.inner_model
+        self.z_up, self.noise = z_up, noise
+        self.cosine_scale_1 = settings.cosine_scale_1
+        self.pending = True  # the next CFG evaluation starts a step
+        self.call = None     # the model call view_cond serves (before_call sees it first)
+        self.size_cond, self.hints, self.interrupted = size_cond, hints, interrupted
+        self.fused = FusedDenoiser.from_settings(self.inner.forward, settings, dilation=stage.dilation,
+                                                 sigma_to_t=self.inner.sigma_to_t, jitter=jitter,
+                                                 view_cond=self._view_cond, before_call=self._before_call)
+        self._cfg_forward, self._callback = self.cfg.forward, self.sampler.callback_state
+        self.cfg.forward = self._forward
+        self.sampler.callback_state = self._callback_state
+        self.inner.forward = self.fused
+
+    def _forward(self, x, sigma, **kwargs):
+        if self.pending:
+            self.pending = False
+            c1 = skip_weight(self.inner.sigma_to_t(sigma), self.cosine_scale_1)
+            x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
+        denoised = self._cfg_forward(x, sigma, **kwargs)
+        _shrink_preview()
+        return denoised
+
+    def _callback_state(self, d):
+        self.pending = True
+        return self._callback(d)
+
+    def _before_call(self, call) -> None:
+        self.call = call
+        if self.interrupted():
+            from modules import sd_samplers_common
+            raise sd_samplers_common.InterruptedException
+        if self.hints is not None:
+            self.hints.set_call(call)
+
+    def _view_cond(self, extra_args: dict, crops) -> dict:
+        args = repeat_rows(extra_args, self.call.rows, len(crops))
+        if self.size_cond is not None and "cond" in args:
+            args["cond"] = self.size_cond.edit_cond(args["cond"], crops)
+        return args
+
+    def remove(self) -> None:
+        for owner, name in ((self.cfg, "forward"), (self.sampler, "callback_state"), (self.inner, "forward")):
+            vars(owner).pop(name, None)
+
+
+def _shrink_preview() -> None:
+    from modules import shared
+    latent = shared.state.current_latent
+    if isinstance(latent, torch.Tensor) and max(latent.shape[-2:]) > PREVIEW_MAX_SIDE:
+        scale = PREVIEW_MAX_SIDE / max(latent.shape[-2:])
+        shared.state.current_latent = F.interpolate(latent, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
+class FinalSizeConditioning:
+    """Stage 1's inner-model patch on SDXL: the final size in the ``vector`` rows (crop stays 0, 0)."""
+
+    def __init__(self, inner, size_cond: SizeConditioning):
+        self.inner, self.size_cond = inner, size_cond
+        self._forward = inner.forward
+        inner.forward = self
+
+    def __call__(self, x, sigma, cond=None, **kwargs):
+        return self._forward(x, sigma, cond=self.size_cond.edit_cond(cond), **kwargs)
+
+    def remove(self) -> None:
+        if vars(self.inner).get("forward") is self:
+            del self.inner.forward
+
+
+JITTER_SEED = 0x5CA1E  # views are shared by all images of a batch, so their jitter cannot follow each image's seed
+
+
+class DemoFusionRun:
+    """Takes the place of ``p.sample`` for one job (installed in ``before_process``, so ControlNet wraps it)."""
+
+    def __init__(self, p, job, original_sample):
+        self.p, self.job, self.original_sample = p, job, original_sample
+        self.plan: StagePlan | None = None
+        self.stage: Stage | None = None          # the stage being sampled; Job.start_pass reads it
+        self.size_cond: SizeConditioning | None = None
+
+    @property
+    def is_img2img(self) -> bool:
+        return getattr(self.p, "init_latent", None) is not None
+
+    def __call__(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        from modules import shared
+
+        p, settings, info = self.p, self.job.settings, self.job.info
+        engine = engine_settings(settings, info)
+        self.plan = stage_plan(settings, info, p.width, p.height)
+        p.extra_generation_params["DemoFusion final size"] = f"{self.plan.final.width}x{self.plan.final.height}"
+        self._refine_job_count()
+        if getattr(p.sd_model, "is_sdxl", False):
+            self.size_cond = SizeConditioning(p.sd_model, self.plan.final.width, self.plan.final.height)
+            if not self.size_cond.available:
+                log("warning: this SDXL model's vector conditioning has no size embeddings at its end; "
+                             "views keep the WebUI's size conditioning")
+                self.size_cond = None
+        log(self.plan.describe(engine.view_batch))
+
+        self.stage = self.plan.stages[0]
+        shared.state.textinfo = self._progress_text(self.stage)
+        if self.is_img2img:
+            z = p.init_latent
+        else:
+            z = self.original_sample(conditioning=conditioning, unconditional_conditioning=unconditional_conditioning,
+                                     seeds=seeds, subseeds=subseeds, subseed_strength=subseed_strength,
+                                     prompts=prompts)
+        self.job.end_pass()
+        anchor = row_stats(z)
+        params = control_params(p)
+        hints = StageHints(params) if params else None
+        jitter = torch.Generator().manual_seed(JITTER_SEED)
+        try:
+            for stage in self.plan.stages[1:]:
+                if self._stopped():
+                    break
+                if settings.save_stages and not p.do_not_save_samples and not (self.is_img2img and self.stage.index == 1):
+                    decoding.save_stage(p, z, self.stage.index)
+                shared.state.nextjob()
+                self.stage = stage
+                shared.state.textinfo = self._progress_text(stage)
+                z = self._sample_stage(stage, z, conditioning, unconditional_conditioning, engine, jitter, hints)
+                if not self._stopped():
+                    z = restandardize(z, *anchor)
+        finally:
+            if hints is not None:
+                hints.restore()
+        return z
+
+    def _progress_text(self, stage: Stage) -> str:
+        return f"DemoFusion stage {stage.index}/{len(self.plan.stages)}: {stage.width}x{stage.height}"
+
+    @staticmethod
+    def _stopped() -> bool:
+        from modules import shared
+        return bool(shared.state.interrupted or shared.state.skipped)
+
+    def _refine_job_count(self) -> None:
+        """Each image is sampled once per stage; the progress bar counts all of them."""
+        from modules import shared
+        state = shared.state
+        if state.processing_has_refined_job_count:
+            return
+        if state.job_count == -1:
+            state.job_count = self.p.n_iter
+        state.job_count *= len(self.plan.stages)
+        shared.total_tqdm.updateTotal(self.p.steps * state.job_count)
+        state.processing_has_refined_job_count = True
+
+    def _sample_stage(self, stage, z, c, uc, engine, jitter, hints):
+        from modules import rng, sd_samplers
+
+        p = self.p
+        z_up = upsample_latent(z, stage.latent_size)
+        p.rng = rng.ImageRNG(z_up.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
+                             seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
+        noise = p.rng.next()
+        p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
+        image_conditioning = p.txt2img_image_conditioning(z_up, stage.width, stage.height)
+        if hints is not None:
+            hints.set_stage(stage.latent_size)
+        if p.scripts is not None:
+            p.scripts.process_before_every_sampling(p=p, x=z_up, noise=noise, c=c, uc=uc)
+        patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._stopped)
+        strength = p.denoising_strength
+        try:
+            if self.is_img2img:  # the user's denoising strength, as in img2img and the hires pass
+                return p.sampler.sample_img2img(p, z_up, noise, c, uc, image_conditioning=image_conditioning)
+            p.denoising_strength = 1.0  # the official full schedule, from z' + sigma_max * noise
+            return p.sampler.sample_img2img(p, z_up, noise, c, uc, steps=p.steps,
+                                            image_conditioning=image_conditioning)
+        finally:
+            p.denoising_strength = strength
+            patches.remove()
+            self.job.end_pass()
