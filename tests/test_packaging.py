@@ -41,3 +41,13 @@ def test_install_script_installs_nothing():
     calls = {getattr(n.func, "attr", getattr(n.func, "id", "")) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     assert not calls & {"run_pip", "run", "check_call", "system", "Popen"}
     assert "launch" not in imported_roots(ROOT / "install.py")
+
+
+def test_webui_adapters_need_only_what_the_webui_ships():
+    import sys
+    stdlib = set(sys.stdlib_module_names)
+    adapters = list((ROOT / "lib_hires" / "webui").rglob("*.py")) + list((ROOT / "scripts").rglob("*.py"))
+    assert adapters
+    for path in adapters:
+        third_party = imported_roots(path) - stdlib - {"lib_hires"}
+        assert third_party <= SHIPPED_BY_WEBUI | {"fastapi", "PIL", "modules"}, (path, third_party)

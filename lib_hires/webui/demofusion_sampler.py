@@ -31,6 +31,23 @@ from .messages import log
 from .model_info import ModelInfo
 from .sdxl_conditioning import SizeConditioning
 
+class InstancePatch:
+    """``owner.name = value`` on the instance; ``remove()`` puts back what the instance had before."""
+
+    def __init__(self, owner, name: str, value):
+        self.owner, self.name, self.value = owner, name, value
+        self.had_own, self.previous = name in vars(owner), vars(owner).get(name)
+        setattr(owner, name, value)
+
+    def remove(self) -> None:
+        if vars(self.owner).get(self.name) is not self.value:
+            return  # patched again on top of us: leave the newer patch alone
+        if self.had_own:
+            setattr(self.owner, self.name, self.previous)
+        else:
+            delattr(self.owner, self.name)
+
+
 PREVIEW_MAX_SIDE = 128  # latent px: a bigger live preview is decoded smaller, so it cannot run out of memory
 
 
@@ -66,8 +83,8 @@ def unsupported_reason(p) -> str | None:
 class StageSampling:
     """The instance patches of one later stage on ``p.sampler``; ``remove()`` undoes them."""
 
-    def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator,
-                 size_cond: SizeConditioning | None, hints: StageHints | None, interrupted):
+    def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator | None,
+                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt, state):
         self.sampler = p.sampler
         self.cfg = p.sampler.model_wrap_cfg
         self.inner = self.cfg.inner_model
@@ -75,14 +92,15 @@ class StageSampling:
         self.cosine_scale_1 = settings.cosine_scale_1
         self.pending = True  # the next CFG evaluation starts a step
         self.call = None     # the model call view_cond serves (before_call sees it first)
-        self.size_cond, self.hints, self.interrupted = size_cond, hints, interrupted
+        self.size_cond, self.hints, self.check_interrupt = size_cond, hints, check_interrupt
+        self.state = state  # the WebUI's shared.state: its live preview latent is kept small
         self.fused = FusedDenoiser.from_settings(self.inner.forward, settings, dilation=stage.dilation,
                                                  sigma_to_t=self.inner.sigma_to_t, jitter=jitter,
                                                  view_cond=self._view_cond, before_call=self._before_call)
         self._cfg_forward, self._callback = self.cfg.forward, self.sampler.callback_state
-        self.cfg.forward = self._forward
-        self.sampler.callback_state = self._callback_state
-        self.inner.forward = self.fused
+        self.patches = [InstancePatch(self.cfg, "forward", self._forward),
+                        InstancePatch(self.sampler, "callback_state", self._callback_state),
+                        InstancePatch(self.inner, "forward", self.fused)]
 
     def _forward(self, x, sigma, **kwargs):
         if self.pending:
@@ -90,7 +108,7 @@ class StageSampling:
             c1 = skip_weight(self.inner.sigma_to_t(sigma), self.cosine_scale_1)
             x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
         denoised = self._cfg_forward(x, sigma, **kwargs)
-        _shrink_preview()
+        shrink_preview(self.state)
         return denoised
 
     def _callback_state(self, d):
@@ -99,9 +117,7 @@ class StageSampling:
 
     def _before_call(self, call) -> None:
         self.call = call
-        if self.interrupted():
-            from modules import sd_samplers_common
-            raise sd_samplers_common.InterruptedException
+        self.check_interrupt()
         if self.hints is not None:
             self.hints.set_call(call)
 
@@ -112,32 +128,31 @@ class StageSampling:
         return args
 
     def remove(self) -> None:
-        for owner, name in ((self.cfg, "forward"), (self.sampler, "callback_state"), (self.inner, "forward")):
-            vars(owner).pop(name, None)
+        for patch in reversed(self.patches):
+            patch.remove()
 
 
-def _shrink_preview() -> None:
-    from modules import shared
-    latent = shared.state.current_latent
+def shrink_preview(state) -> None:
+    """Live previews decode ``state.current_latent``; a 4096 px one could run out of memory doing so."""
+    latent = getattr(state, "current_latent", None)
     if isinstance(latent, torch.Tensor) and max(latent.shape[-2:]) > PREVIEW_MAX_SIDE:
         scale = PREVIEW_MAX_SIDE / max(latent.shape[-2:])
-        shared.state.current_latent = F.interpolate(latent, scale_factor=scale, mode="bilinear", align_corners=False)
+        state.current_latent = F.interpolate(latent, scale_factor=scale, mode="bilinear", align_corners=False)
 
 
 class FinalSizeConditioning:
     """Stage 1's inner-model patch on SDXL: the final size in the ``vector`` rows (crop stays 0, 0)."""
 
     def __init__(self, inner, size_cond: SizeConditioning):
-        self.inner, self.size_cond = inner, size_cond
+        self.size_cond = size_cond
         self._forward = inner.forward
-        inner.forward = self
+        self.patch = InstancePatch(inner, "forward", self)
 
     def __call__(self, x, sigma, cond=None, **kwargs):
         return self._forward(x, sigma, cond=self.size_cond.edit_cond(cond), **kwargs)
 
     def remove(self) -> None:
-        if vars(self.inner).get("forward") is self:
-            del self.inner.forward
+        self.patch.remove()
 
 
 JITTER_SEED = 0x5CA1E  # views are shared by all images of a batch, so their jitter cannot follow each image's seed
@@ -205,6 +220,12 @@ class DemoFusionRun:
     def _progress_text(self, stage: Stage) -> str:
         return f"DemoFusion stage {stage.index}/{len(self.plan.stages)}: {stage.width}x{stage.height}"
 
+    def _check_interrupt(self) -> None:
+        """Between the UNet calls of a step: ends the stage the way the WebUI's own denoiser does."""
+        if self._stopped():
+            from modules import sd_samplers_common
+            raise sd_samplers_common.InterruptedException
+
     @staticmethod
     def _stopped() -> bool:
         from modules import shared
@@ -223,7 +244,7 @@ class DemoFusionRun:
         state.processing_has_refined_job_count = True
 
     def _sample_stage(self, stage, z, c, uc, engine, jitter, hints):
-        from modules import rng, sd_samplers
+        from modules import rng, sd_samplers, shared
 
         p = self.p
         z_up = upsample_latent(z, stage.latent_size)
@@ -236,7 +257,8 @@ class DemoFusionRun:
             hints.set_stage(stage.latent_size)
         if p.scripts is not None:
             p.scripts.process_before_every_sampling(p=p, x=z_up, noise=noise, c=c, uc=uc)
-        patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._stopped)
+        patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._check_interrupt,
+                                shared.state)
         strength = p.denoising_strength
         try:
             if self.is_img2img:  # the user's denoising strength, as in img2img and the hires pass

@@ -1,0 +1,237 @@
+"""DemoFusion's WebUI-side pieces that need no WebUI: SDXL size conditioning, ControlNet hint cutting,
+the stage patches on a stand-in sampler, and the refusals."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lib_hires.demofusion import ModelCall, dilated_views, local_views
+from lib_hires.scalecrafter import scan_unet
+from lib_hires.settings import ScaleFusionSettings
+from lib_hires.webui.controlnet_hints import StageHints, control_params
+from lib_hires.webui.demofusion_sampler import (FinalSizeConditioning, StageSampling, engine_settings, stage_plan,
+                                                unsupported_reason)
+from lib_hires.webui.model_info import ModelInfo
+from lib_hires.webui.sdxl_conditioning import SizeConditioning
+from tests.conftest import tiny_unet
+
+
+class SizeEmbedder(torch.nn.Module):
+    """sgm's ConcatTimestepEmbedderND: each number embedded as [cos, sin] of 128 frequencies."""
+
+    def __init__(self, input_key, outdim=256):
+        super().__init__()
+        self.input_key, self.outdim = input_key, outdim
+
+    def forward(self, x):
+        half = self.outdim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        args = x.reshape(-1, 1).float() * freqs
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).reshape(x.shape[0], -1)
+
+
+class TextEmbedder(torch.nn.Module):
+    input_key = "txt"
+
+
+def conditioner():
+    return SimpleNamespace(embedders=[TextEmbedder(), TextEmbedder(), SizeEmbedder("original_size_as_tuple"),
+                                      SizeEmbedder("crop_coords_top_left"), SizeEmbedder("target_size_as_tuple")])
+
+
+def vector(pooled, original, crop, target):
+    embedders = conditioner().embedders
+    rows = [torch.cat([pooled[i], embedders[2](torch.tensor([original]))[0], embedders[3](torch.tensor([crop[i]]))[0],
+                       embedders[4](torch.tensor([target]))[0]]) for i in range(len(pooled))]
+    return torch.stack(rows)
+
+
+def test_size_conditioning_writes_the_final_size_and_each_views_crop():
+    sd_model = SimpleNamespace(conditioner=conditioner())
+    size = SizeConditioning(sd_model, final_width=2048, final_height=1536)
+    assert size.available
+    pooled = torch.randn(6, 64)  # 3 views x 2 rows (a cond and an uncond row)
+    given = vector(pooled, [768, 1024], [(0, 0)] * 6, [768, 1024])
+    crops = [(0, 0), (128, 256), (512, 8)]
+    edited = size.edit(given, crops)
+    expected = vector(pooled, [1536, 2048], [c for c in crops for _ in range(2)], [1536, 2048])
+    assert torch.allclose(edited, expected, atol=1e-6)
+    assert torch.equal(edited[:, :64], pooled)  # the pooled text embedding is untouched
+    without_crops = size.edit(given)
+    assert torch.allclose(without_crops, vector(pooled, [1536, 2048], [(0, 0)] * 6, [1536, 2048]), atol=1e-6)
+    cond = {"crossattn": torch.randn(6, 7, 8), "vector": given}
+    out = size.edit_cond(cond, crops)
+    assert out["crossattn"] is cond["crossattn"] and torch.equal(out["vector"], edited)
+
+
+def test_size_conditioning_is_unavailable_for_other_layouts():
+    assert not SizeConditioning(SimpleNamespace(conditioner=SimpleNamespace(embedders=[TextEmbedder()])), 8, 8).available
+    assert not SizeConditioning(SimpleNamespace(), 8, 8).available  # SD1/2 have no conditioner
+    cond = {"c_crossattn": [torch.zeros(1)]}
+    assert SizeConditioning(SimpleNamespace(), 8, 8).edit_cond(cond) is cond
+
+
+class Param:
+    """ControlNet's ControlParams: setting hint_cond drops its caches."""
+
+    def __init__(self, hint):
+        self._hint, self.cache_cleared = hint, 0
+
+    @property
+    def hint_cond(self):
+        return self._hint
+
+    @hint_cond.setter
+    def hint_cond(self, value):
+        self._hint, self.cache_cleared = value, self.cache_cleared + 1
+
+
+def test_hints_follow_the_stage_and_every_view_of_a_call():
+    hint = torch.rand(1, 3, 256, 192)  # made for a 32x24 latent first stage
+    param = Param(hint)
+    hints = StageHints([param])
+    hints.set_stage((64, 48))
+    assert param.hint_cond.shape == (1, 3, 512, 384)
+    views = local_views(64, 48, 16, 8)[:3] + dilated_views(64, 48, 2)[:2]
+    call = ModelCall(0, 1, tuple(views[:3]), rows=2, size=(16, 16), sigma=torch.ones(2))
+    hints.set_call(call)
+    assert param.hint_cond.shape == (6, 3, 128, 128)
+    stage_hint = hints.stage_hints[0]
+    for k, view in enumerate(views[:3]):
+        for r in range(2):
+            assert torch.equal(param.hint_cond[2 * k + r], view.cut(stage_hint, 8)[0])
+    hints.set_call(ModelCall(1, 2, tuple(views[3:]), rows=2, size=(32, 24), sigma=torch.ones(2)))
+    assert param.hint_cond.shape == (4, 3, 256, 192)
+    hints.restore()
+    assert param.hint_cond is hint
+
+
+def test_control_params_finds_controlnets_units_only():
+    unit = Param(torch.zeros(1, 3, 8, 8))
+    other = Param(None)
+    controlnet = SimpleNamespace(title=lambda: "ControlNet", latest_network=SimpleNamespace(control_params=[unit, other]))
+    broken = SimpleNamespace(title=lambda: 1 / 0)
+    assert control_params(SimpleNamespace(scripts=SimpleNamespace(alwayson_scripts=[broken, controlnet]))) == [unit]
+    assert control_params(SimpleNamespace(scripts=None)) == []
+
+
+def info(window=64):
+    unet = tiny_unet("sd1")
+    return ModelInfo("sd1", window * 8, unet, scan_unet(unet))
+
+
+def test_engine_settings_and_plan_from_the_user_settings():
+    settings = ScaleFusionSettings(enabled=True, method="DemoFusion", scale=2.5, view_batch=8, low_vram=True,
+                                   cosine_scale_1=2.0, jitter=False)
+    engine = engine_settings(settings, info())
+    assert (engine.window, engine.stride, engine.view_batch, engine.cosine_scale_1, engine.jitter) == (64, 32, 1, 2.0, False)
+    plan = stage_plan(settings, info(), 512, 768)
+    assert (plan.final.width, plan.final.height) == (1280, 1920) and len(plan.stages) == 3
+    with pytest.raises(ValueError, match="stride must be at most the model's window of 64 latent px"):
+        engine_settings(settings.replace(stride=96), info())
+
+
+def test_unsupported_jobs_are_named():
+    model = SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn"))
+    assert unsupported_reason(SimpleNamespace(sd_model=model, enable_hr=False)) is None
+    assert "turn Hires. fix off" in unsupported_reason(SimpleNamespace(sd_model=model, enable_hr=True))
+    inpaint = SimpleNamespace(model=SimpleNamespace(conditioning_key="hybrid"))
+    assert "inpainting" in unsupported_reason(SimpleNamespace(sd_model=inpaint, enable_hr=False))
+    assert "masks" in unsupported_reason(SimpleNamespace(sd_model=model, enable_hr=False, image_mask=object()))
+
+
+class StandInInner(torch.nn.Module):
+    """A k-diffusion-like inner model: x0 = x * 0.5 + mean of the crossattn rows."""
+
+    def forward(self, x, sigma, cond=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        self.last_shape = tuple(x.shape)
+        return 0.5 * x + cond["c_crossattn"][0].mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    def sigma_to_t(self, sigma):
+        return torch.full_like(torch.as_tensor(sigma, dtype=torch.float32), 500.0)
+
+
+class StandInCFG(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner_model = StandInInner()
+
+    def forward(self, x, sigma, cond=None):
+        return self.inner_model(x, sigma, cond={"c_crossattn": [cond]})
+
+
+def test_stage_patches_apply_the_skip_residual_once_per_step_and_come_off():
+    from lib_hires.demofusion import DemoFusionSettings, Stage, skip_residual, skip_weight
+
+    cfg = StandInCFG()
+    callbacks = []
+    sampler = SimpleNamespace(model_wrap_cfg=cfg, callback_state=callbacks.append)
+    p = SimpleNamespace(sampler=sampler)
+    z_up, noise = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 32, 32)
+    settings = DemoFusionSettings(window=16, stride=8, jitter=False)
+    patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), settings, z_up, noise, None, None, None, lambda: None,
+                            SimpleNamespace(current_latent=None))
+    x = torch.randn(1, 4, 32, 32)
+    expected = skip_residual(x.clone(), z_up, noise, torch.tensor([3.0]), skip_weight(torch.tensor([500.0]), 3.0))
+    cond = torch.randn(1, 7, 8)
+    cfg(x, torch.tensor([3.0]), cond=cond)
+    assert torch.allclose(x, expected)                  # written into the sampler's own state
+    state = x.clone()
+    cfg(x, torch.tensor([2.0]), cond=cond)              # the second evaluation of the same step
+    assert torch.equal(x, state)
+    sampler.callback_state({"i": 0})                    # the step ends: the next evaluation mixes again
+    assert callbacks == [{"i": 0}]
+    cfg(x, torch.tensor([2.0]), cond=cond)
+    assert not torch.equal(x, state)
+    # every evaluation went through the views: 3x3 local views + 2x2 dilated samples of 16x16, one call each
+    assert cfg.inner_model.calls == 3 and cfg.inner_model.last_shape == (13, 4, 16, 16)
+    patches.remove()
+    assert "forward" not in vars(cfg) and "forward" not in vars(cfg.inner_model)
+    assert sampler.callback_state == callbacks.append  # the sampler's own callback is back
+
+
+def test_stage_patches_stop_at_an_interrupt():
+    from lib_hires.demofusion import DemoFusionSettings, Stage
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt():
+        raise Interrupted
+
+    cfg = StandInCFG()
+    p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None))
+    z = torch.zeros(1, 4, 32, 32)
+    patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), DemoFusionSettings(window=16, stride=8, jitter=False),
+                            z, z, None, None, None, interrupt, SimpleNamespace(current_latent=None))
+    with pytest.raises(Interrupted):
+        cfg(torch.zeros(1, 4, 32, 32), torch.tensor([1.0]), cond=torch.zeros(1, 7, 8))
+    assert cfg.inner_model.__dict__.get("calls", 0) == 0  # stopped before any UNet call
+    patches.remove()
+
+
+def test_final_size_conditioning_patch():
+    edited = []
+    size = SimpleNamespace(edit_cond=lambda cond: edited.append(cond) or {"edited": True})
+    inner = StandInInner()
+    seen = []
+    inner.forward = lambda x, sigma, cond=None: seen.append(cond) or x
+    patch = FinalSizeConditioning(inner, size)
+    inner(torch.zeros(1), torch.zeros(1), cond={"vector": 1})
+    assert seen == [{"edited": True}] and edited == [{"vector": 1}]
+    patch.remove()
+    assert vars(inner)["forward"] is not patch and inner(torch.ones(1), torch.zeros(1), cond={}) == 1  # the old patch is back
+
+
+def test_a_big_live_preview_is_shrunk():
+    from lib_hires.webui.demofusion_sampler import shrink_preview
+
+    state = SimpleNamespace(current_latent=torch.randn(1, 4, 512, 256))
+    shrink_preview(state)
+    assert state.current_latent.shape == (1, 4, 128, 64)
+    small = torch.randn(1, 4, 64, 64)
+    state.current_latent = small
+    shrink_preview(state)
+    assert state.current_latent is small
