@@ -22,3 +22,22 @@ def test_benchmark_reports_every_ratio(tmp_path, capsys):
     for key in ("redilation_time", "dispersion_time_vs_precomputed", "dispersion_memory", "ndcfg_time"):
         assert result[key] > 0
     assert "re-dilation: time vs vanilla" in capsys.readouterr().out
+
+
+def test_benchmark_precomputed_comparator_matches_the_engine_and_removes_itself():
+    import torch
+
+    from lib_hires.scalecrafter import ScaleCrafterController
+    from lib_hires.scalecrafter.redilated_conv import ConvHook
+
+    bench = benchmark.Bench(benchmark.Spec.parse("sd1:256:64"), "cpu", torch.float32, "tiny")
+    plan = bench.plan_dispersed
+    assert plan.dispersed
+    with torch.no_grad(), ScaleCrafterController(bench.unet, plan) as controller:
+        engine = bench.unet(bench.x[:1], bench.t[:1], **bench.cond_kwargs)
+        with benchmark.precomputed_dispersion(bench.unet, controller) as used:
+            precomputed = bench.unet(bench.x[:1], bench.t[:1], **bench.cond_kwargs)
+        assert used[0] == len(plan.dispersed)
+        assert all(isinstance(vars(bench.unet.get_submodule(p))["_conv_forward"], ConvHook) for p in plan.dispersed)
+    assert ((precomputed - engine).abs().max() / engine.abs().max()).item() < 1e-5
+    assert not any("_conv_forward" in vars(m) for m in bench.unet.modules())
