@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_hires.scalecrafter import disperse_weight, dispersion_transform
-from lib_hires.scalecrafter.dispersion import DispersedKernelCache
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lib_hires.scalecrafter import disperse_weight, dispersed_conv2d, dispersion_transform
 
 # R20to1_new as published (rows: 5x5 positions row-major; columns: 3x3 taps row-major; 6 decimals).
 PUBLISHED = """
@@ -110,19 +111,93 @@ def test_disperse_weight_is_r_per_kernel_in_every_dtype():
     assert half.dtype == torch.float16 and torch.allclose(half.float(), expected, atol=2e-3)
 
 
-def test_cache_keys_on_identity_version_and_storage():
-    cache = DispersedKernelCache(dispersion_transform())
-    owner = object()
-    w = torch.randn(2, 2, 3, 3)
-    first = cache.kernel(owner, w)
-    assert cache.kernel(owner, w) is first
-    assert cache.kernel(owner, w.clone()) is not first  # equal values, another tensor (e.g. a cast copy)
-    w2 = torch.randn(2, 2, 3, 3)
-    k = cache.kernel(owner, w2)
-    w2.add_(1.0)
-    assert cache.kernel(owner, w2) is not k
-    assert torch.allclose(cache.kernel(owner, w2), disperse_weight(w2, dispersion_transform()))
-    with torch.inference_mode():
-        frozen = torch.randn(2, 2, 3, 3)
-    cache.kernel(owner, frozen)
-    assert cache.cached_bytes == 0  # tensors without a version counter are never cached
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.convs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.mkldnn_convolution):
+            self.convs += 1
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def reference_dispersed(x, w, b, stride, padding, dilation):
+    return F.conv2d(x, disperse_weight(w, dispersion_transform()), b, stride, padding, dilation)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("channels", [(6, 6), (20, 7), (5, 31), (1, 1)])
+@pytest.mark.parametrize("hw", [(16, 16), (13, 21), (9, 7)])
+def test_factorised_conv_equals_the_conv_with_the_dispersed_kernel(dtype, tol, stride, dilation, channels, hw):
+    torch.manual_seed(0)
+    cin, cout = channels
+    x = torch.randn(2, cin, *hw, dtype=dtype)
+    w = torch.randn(cout, cin, 3, 3, dtype=dtype)
+    b = torch.randn(cout, dtype=dtype)
+    r = dispersion_transform().to(dtype)
+    padding = 2 * dilation
+    got = dispersed_conv2d(x, w, b, r, stride=stride, padding=padding, dilation=dilation)
+    expected = reference_dispersed(x, w, b, stride, padding, dilation)
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < tol
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_factorised_conv_in_half_precision_stays_within_a_few_ulps(dtype, tol):
+    torch.manual_seed(4)
+    x, w = torch.randn(1, 32, 16, 16), torch.randn(16, 32, 3, 3) * 0.1
+    expected = reference_dispersed(x, w, None, 1, 2, 1)
+    got = dispersed_conv2d(x.to(dtype), w.to(dtype), None, dispersion_transform().to(dtype), padding=2)
+    assert got.dtype == dtype  # the spread is rounded to dtype too: about twice the error of a formed kernel
+    assert ((got.float() - expected).abs().max() / expected.abs().max()).item() < tol
+
+
+def test_factorised_conv_without_bias_and_with_tuple_arguments():
+    torch.manual_seed(1)
+    x, w = torch.randn(1, 4, 11, 15, dtype=torch.float64), torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    got = dispersed_conv2d(x, w, None, dispersion_transform(), stride=(1, 2), padding=(4, 2), dilation=(2, 1))
+    assert torch.allclose(got, reference_dispersed(x, w, None, (1, 2), (4, 2), (2, 1)), rtol=0, atol=1e-10)
+
+
+def test_factorised_conv_works_in_input_channel_chunks():
+    torch.manual_seed(2)
+    x, w, b = torch.randn(1, 40, 12, 12), torch.randn(8, 40, 3, 3), torch.randn(8)  # chunk 40 // 9 = 4 channels
+    with LargestTensor() as mode:
+        got = dispersed_conv2d(x, w, b, dispersion_transform(), padding=2)
+    assert mode.convs == 2 * 10  # a depthwise and a 1x1 conv per chunk
+    expected = reference_dispersed(x, w, b, 1, 2, 1)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("channels, stride", [((64, 64), 1), ((128, 64), 1), ((32, 96), 1), ((64, 64), 2)])
+def test_no_tensor_made_inside_is_larger_than_the_input_or_output(channels, stride):
+    cin, cout = channels
+    x, w, b = torch.randn(2, cin, 24, 24), torch.randn(cout, cin, 3, 3), torch.randn(cout)
+    with LargestTensor() as mode:
+        out = dispersed_conv2d(x, w, b, dispersion_transform(), stride=stride, padding=4, dilation=2)
+    # unchunked, the spread would be 9x the input; but for (32, 96) the 5x5 kernel is also larger than this
+    assert mode.largest <= max(x.numel(), out.numel())
+    with LargestTensor() as precomputed:  # the mode does see a kernel being formed
+        reference_dispersed(x, w, b, stride, 4, 2)
+    assert precomputed.largest >= cout * cin * 25
+
+
+def test_factorised_conv_refuses_what_it_cannot_compute():
+    r = dispersion_transform()
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="only groups=1"):
+        dispersed_conv2d(x, torch.randn(4, 2, 3, 3), None, r, padding=2, groups=2)
+    with pytest.raises(ValueError, match="does not fit input"):
+        dispersed_conv2d(x, torch.randn(4, 3, 3, 3), None, r, padding=2)
+    with pytest.raises(ValueError, match="transform"):
+        dispersed_conv2d(x, torch.randn(4, 4, 5, 5), None, r, padding=2)

@@ -7,7 +7,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .dispersion import DEFAULT_KERNEL_CACHE_BYTES
 from .plan import ScaleCrafterPlan
 from .redilated_conv import RedilationHandle
 
@@ -21,10 +20,9 @@ class ScaleCrafterController:
     block) restores the UNet exactly, also after an exception.
     """
 
-    def __init__(self, unet: nn.Module, plan: ScaleCrafterPlan, *,
-                 kernel_cache_bytes: int = DEFAULT_KERNEL_CACHE_BYTES):
+    def __init__(self, unet: nn.Module, plan: ScaleCrafterPlan):
         self.plan = plan
-        self.handle = RedilationHandle(unet, plan.hooked_paths, kernel_cache_bytes=kernel_cache_bytes)
+        self.handle = RedilationHandle(unet, plan.hooked_paths)
         try:
             self._pre_hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
         except BaseException:

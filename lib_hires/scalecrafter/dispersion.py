@@ -11,13 +11,17 @@ For every basis input patch ``x = e_j`` (``n x n``, ``n = input_size``):
 Both are linear in the kernels, ``C vec(K) = D vec(k)`` and ``P vec(K) = Q vec(k)``, so
 ``R = (C'C + eta^2 P'P)^-1 (C'D + eta^2 P'Q)`` and ``vec(K) = R vec(k)``. (The official MATLAB solver scales
 the pixel rows by ``eta``; "R20to1" in its file name is ``1/eta``.)
+
+``dispersed_conv2d`` runs a conv with the dispersed kernels without ever forming them: a depthwise conv
+with the columns of ``R`` followed by a 1x1 conv with the small kernels (exact, no kernel memory).
 """
 from __future__ import annotations
 
 import functools
-import weakref
+import math
 
 import torch
+import torch.nn.functional as F
 
 
 def _bilinear_corner_aligned(n: int, scale: int) -> torch.Tensor:
@@ -86,62 +90,47 @@ def disperse_weight(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tens
     return out.unflatten(2, (large, large)).to(weight.dtype)
 
 
-# Recomputing a kernel costs about 9/(H*W) of running its 5x5 conv (under 1% from 32x32 maps up),
-# while keeping every dispersed kernel of an SD UNet would hold 1-2 GB. So the cache has a byte budget.
-DEFAULT_KERNEL_CACHE_BYTES = 128 * 2 ** 20
+def dispersed_conv2d(x: torch.Tensor, weight3: torch.Tensor, bias: torch.Tensor | None, transform: torch.Tensor, *,
+                     stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """``conv2d(x, disperse_weight(weight3, transform), bias, stride, padding, dilation)``, never forming that kernel.
 
+    With ``vec(K) = R vec(k)`` per kernel, ``R`` being ``L*L x k*k``, the conv splits exactly into
 
-class DispersedKernelCache:
-    """Dispersed kernels keyed by the identity, version, storage, dtype and device of the 3x3 weight.
+    * ``spread``: a depthwise conv of ``x`` with the ``k*k`` columns of ``R`` as ``L x L`` kernels
+      (``groups`` = input channels; input channel ``i`` goes to channels ``i*k*k + n``, ``n`` the row-major
+      tap), with the conv's stride, padding and dilation; then
+    * a 1x1 conv of ``spread`` with ``weight3`` reshaped to ``(out, in*k*k, 1, 1)``, plus ``bias``,
 
-    The weight is the one handed to ``_conv_forward`` (LoRA-merged, cast), so the key must change
-    whenever its contents can: a new tensor object (a cast copy), an in-place update (``_version``) or
-    a moved/reassigned storage (``data_ptr``). Identity is held through a weakref, so a freed temporary
-    can never be mistaken for a new one allocated at the same address. Entries are kept first come,
-    first served up to ``max_bytes``: convs run in a fixed cycle, where LRU eviction would never hit.
+    since ``sum_p K[o,i,p] x_i[p] = sum_n k[o,i,n] sum_p R[p,n] x_i[p]``. Input channels go in chunks of
+    ``max(1, max(in, out) // (k*k))`` whose 1x1 outputs are summed, so ``spread`` stays about the size of
+    the larger of input and output. ``weight3`` is used as handed over (LoRA-merged, cast); nothing is kept.
+    Only ``groups=1`` convs are supported.
     """
+    if groups != 1:
+        raise ValueError(f"dispersed_conv2d: only groups=1 convs can be dispersed; got groups={groups}")
+    if weight3.dim() != 4 or x.dim() != 4 or weight3.shape[1] != x.shape[1]:
+        raise ValueError(f"dispersed_conv2d: weight {tuple(weight3.shape)} does not fit input {tuple(x.shape)} "
+                         f"(need (out, in, k, k) with in = input channels)")
+    out_channels, in_channels, kh, kw = weight3.shape
+    taps = kh * kw
+    large = math.isqrt(transform.shape[0])
+    if transform.dim() != 2 or transform.shape[1] != taps or large * large != transform.shape[0]:
+        raise ValueError(f"dispersed_conv2d: transform {tuple(transform.shape)} does not map {kh}x{kw} kernels "
+                         f"to square ones")
+    basis = transform.to(device=x.device, dtype=x.dtype).T.reshape(taps, 1, large, large)
+    chunk = min(in_channels, max(1, max(in_channels, out_channels) // taps))
+    depthwise = basis.repeat(chunk, 1, 1, 1)
+    out = None
+    for start in range(0, in_channels, chunk):
+        part_x = x[:, start:start + chunk]
+        width = part_x.shape[1]
+        spread = F.conv2d(part_x, depthwise[:width * taps], None, stride, padding, dilation, width)
+        mix = weight3[:, start:start + width].reshape(out_channels, width * taps, 1, 1)
+        if out is None:
+            out = F.conv2d(spread, mix, bias)
+        else:
+            out.add_(F.conv2d(spread, mix))
+        del spread
+    return out
 
-    def __init__(self, transform: torch.Tensor, max_bytes: int = DEFAULT_KERNEL_CACHE_BYTES):
-        self.transform = transform
-        self.max_bytes = max_bytes
-        self._entries: dict[object, tuple] = {}
-        self._bytes = 0
-        self.hits = self.misses = 0
 
-    @staticmethod
-    def _signature(weight: torch.Tensor):
-        try:
-            version = weight._version
-        except RuntimeError:  # inference tensors have no version counter: never cache them
-            return None
-        return version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape)
-
-    def kernel(self, owner: object, weight: torch.Tensor) -> torch.Tensor:
-        signature = self._signature(weight)
-        entry = self._entries.get(owner)
-        if entry is not None and signature is not None:
-            ref, cached_signature, kernel = entry
-            if ref() is weight and cached_signature == signature:
-                self.hits += 1
-                return kernel
-        self.misses += 1
-        if entry is not None:
-            self._drop(owner)
-        kernel = disperse_weight(weight, self.transform)
-        size = kernel.numel() * kernel.element_size()
-        if signature is not None and self._bytes + size <= self.max_bytes:
-            self._entries[owner] = (weakref.ref(weight), signature, kernel)
-            self._bytes += size
-        return kernel
-
-    def _drop(self, owner: object) -> None:
-        _, _, kernel = self._entries.pop(owner)
-        self._bytes -= kernel.numel() * kernel.element_size()
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
-
-    @property
-    def cached_bytes(self) -> int:
-        return self._bytes

@@ -5,6 +5,9 @@ WebUI does before that (LoRA merging into ``weight``, fp8 / manual-cast casting,
 class level) has already happened when the call reaches an instance-level ``_conv_forward``, so the
 ``weight`` argument is the kernel to use. Overriding nothing else keeps module trees, parameters and
 state-dict keys untouched.
+
+Dispersed convs never form their 5x5 kernel: ``dispersed_conv2d`` computes the conv with it from the
+3x3 ``weight`` and the dispersion transform, so nothing is derived, cached or copied per conv.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispersion import DEFAULT_KERNEL_CACHE_BYTES, DispersedKernelCache, dispersion_transform
+from .dispersion import dispersed_conv2d, dispersion_transform
 
 MAX_FACTOR = 16.0
 _EPS = 1e-9
@@ -36,7 +39,7 @@ def conv_output_size(size: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
 
 def redilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factor: float, *,
                      stride=(1, 1), groups: int = 1, padding_mode: str = "zeros",
-                     out_size: tuple[int, int] | None = None) -> torch.Tensor:
+                     out_size: tuple[int, int] | None = None, transform: torch.Tensor | None = None) -> torch.Tensor:
     """A convolution whose receptive field is scaled by ``factor``.
 
     Integer ``d``: ``conv2d(x, w, b, stride, padding=d*(k-1)/2, dilation=d)``. Fractional ``d``: with
@@ -44,6 +47,10 @@ def redilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dilation ``D`` and resized back, so the receptive field is ``D / (D/d) = d`` in input pixels. The
     result always has ``out_size`` (default: the size of a stride-``stride`` 3x3 "same" conv), so skip
     connections line up also for stride-2 convs and odd sizes.
+
+    With ``transform`` (a dispersion transform ``R``, ``L*L x k*k``) the conv uses the dispersed ``L x L``
+    kernels of ``weight`` (padding ``D*(L-1)/2``), computed by ``dispersed_conv2d`` without forming them;
+    ``groups`` must then be 1.
     """
     dilation = integer_dilation(factor)
     height, width = x.shape[-2:]
@@ -53,11 +60,16 @@ def redilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if dilation != factor:
         scale = dilation / factor
         x = F.interpolate(x, size=(round(height * scale), round(width * scale)), mode="bilinear", align_corners=False)
-    pad = dilation * (weight.shape[-1] - 1) // 2
-    if padding_mode == "zeros":
-        y = F.conv2d(x, weight, bias, stride, pad, dilation, groups)
+    kernel_size = weight.shape[-1] if transform is None else math.isqrt(transform.shape[0])
+    pad = dilation * (kernel_size - 1) // 2
+    if padding_mode != "zeros":
+        x = F.pad(x, (pad, pad, pad, pad), mode=padding_mode)
+    conv_pad = pad if padding_mode == "zeros" else 0
+    if transform is None:
+        y = F.conv2d(x, weight, bias, stride, conv_pad, dilation, groups)
     else:
-        y = F.conv2d(F.pad(x, (pad, pad, pad, pad), mode=padding_mode), weight, bias, stride, 0, dilation, groups)
+        y = dispersed_conv2d(x, weight, bias, transform, stride=stride, padding=conv_pad, dilation=dilation,
+                             groups=groups)
     if tuple(y.shape[-2:]) != tuple(out_size):
         y = F.interpolate(y, size=tuple(out_size), mode="bilinear", align_corners=False)
     return y
@@ -69,19 +81,37 @@ def check_factor(where: str, factor) -> float:
     return float(factor)
 
 
+class _Transform:
+    """The dispersion transform R (25x9), with a copy per device and dtype it is used on (225 numbers each),
+    so no conv call pays for a host-to-device copy."""
+
+    __slots__ = ("_r", "_copies")
+
+    def __init__(self, r: torch.Tensor):
+        self._r = r
+        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def on(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        r = self._copies.get(key)
+        if r is None:
+            r = self._copies[key] = self._r.to(device=like.device, dtype=like.dtype)
+        return r
+
+
 class ConvHook:
     """The ``_conv_forward`` of one conv while it is hooked: vanilla until given a factor > 1."""
 
-    __slots__ = ("path", "_conv", "_inner", "_previous", "_had_own", "_kernels", "factor", "dispersed", "detached",
-                 "__weakref__")
+    __slots__ = ("path", "_conv", "_inner", "_previous", "_had_own", "_transform", "factor", "dispersed",
+                 "detached", "__weakref__")
 
-    def __init__(self, conv: nn.Conv2d, path: str, kernels: DispersedKernelCache):
+    def __init__(self, conv: nn.Conv2d, path: str, transform: "_Transform"):
         self.path = path
         self._conv = weakref.ref(conv)
         self._had_own = "_conv_forward" in conv.__dict__
         self._previous = conv.__dict__.get("_conv_forward")
         self._inner = conv._conv_forward  # another extension's override, or the bound torch method
-        self._kernels = kernels
+        self._transform = transform
         self.factor = 1.0
         self.dispersed = False
         self.detached = False
@@ -91,11 +121,13 @@ class ConvHook:
         conv = self._conv()
         if factor <= 1.0 or self.detached or conv is None:
             return self._inner(input, weight, bias)
+        transform = None
         if self.dispersed:
-            weight = self._kernels.kernel(self, weight)
+            transform = self._transform.on(input)
             factor = factor / 2  # the 5x5 dispersed kernel already spans twice the 3x3 one
         return redilated_conv2d(input, weight, bias, factor, stride=conv.stride, groups=conv.groups,
-                                padding_mode=conv.padding_mode, out_size=conv_output_size(input.shape[-2:], conv))
+                                padding_mode=conv.padding_mode, out_size=conv_output_size(input.shape[-2:], conv),
+                                transform=transform)
 
     def install(self) -> None:
         conv = self._conv()
@@ -137,11 +169,10 @@ class RedilationHandle:
     installed for a whole job and be driven per call.
     """
 
-    def __init__(self, unet: nn.Module, paths: Collection[str], *,
-                 kernel_cache_bytes: int = DEFAULT_KERNEL_CACHE_BYTES):
+    def __init__(self, unet: nn.Module, paths: Collection[str]):
         convs = _resolve_convs(unet, paths)  # validate every path before touching any module
-        self.kernels = DispersedKernelCache(dispersion_transform(), kernel_cache_bytes)
-        self.hooks = {path: ConvHook(conv, path, self.kernels) for path, conv in convs.items()}
+        self.transform = _Transform(dispersion_transform())
+        self.hooks = {path: ConvHook(conv, path, self.transform) for path, conv in convs.items()}
         for hook in self.hooks.values():
             hook.install()
         self.removed = False
@@ -161,7 +192,6 @@ class RedilationHandle:
         self.removed = True
         for hook in self.hooks.values():
             hook.uninstall()
-        self.kernels.clear()
 
     def __enter__(self) -> "RedilationHandle":
         return self
@@ -171,12 +201,13 @@ class RedilationHandle:
 
 
 @contextmanager
-def redilate(unet: nn.Module, dilations: Mapping[str, float], *, dispersed: Collection[str] = (),
-             kernel_cache_bytes: int = DEFAULT_KERNEL_CACHE_BYTES) -> Iterator[RedilationHandle]:
+def redilate(unet: nn.Module, dilations: Mapping[str, float], *,
+             dispersed: Collection[str] = ()) -> Iterator[RedilationHandle]:
     """Runs the convs named in ``dilations`` re-dilated for the duration of the block.
 
     ``dilations`` maps module paths relative to ``unet`` to effective receptive-field factors (1 to 16;
-    fractional allowed). Paths also in ``dispersed`` use the dispersed 5x5 kernel at half the factor.
+    fractional allowed). Paths also in ``dispersed`` use the dispersed 5x5 kernel at half the factor
+    (computed without forming it, see ``dispersed_conv2d``).
     On exit, also through an exception, every conv is exactly as before.
     """
     checked = {path: check_factor(f"dilations[{path!r}]", factor) for path, factor in dilations.items()}
@@ -184,8 +215,11 @@ def redilate(unet: nn.Module, dilations: Mapping[str, float], *, dispersed: Coll
     stray = sorted(dispersed - checked.keys())
     if stray:
         raise ValueError(f"dispersed: {stray} are not in dilations (only re-dilated convs can be dispersed)")
-    handle = RedilationHandle(unet, checked.keys(), kernel_cache_bytes=kernel_cache_bytes)
+    handle = RedilationHandle(unet, checked.keys())
     try:
+        grouped = sorted(p for p in dispersed if unet.get_submodule(p).groups != 1)
+        if grouped:
+            raise ValueError(f"dispersed: {grouped} are grouped convs (only groups=1 convs can be dispersed)")
         handle.set_factors(checked, dispersed)
         yield handle
     finally:
