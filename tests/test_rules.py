@@ -120,10 +120,3 @@ def test_bad_plan_input_names_the_field(args, message):
         build_plan(*args)
     with pytest.raises(ValueError, match=message):
         resolve_dilations(*args, 500)
-
-
-def test_engine_settings_round_trip_through_dicts():
-    s = ScaleCrafterSettings(enabled=True, dilation_multiplier=1.25, stop_at=0.6, noise_damped_cfg="off", dispersion=True)
-    assert ScaleCrafterSettings.from_dict(s.to_dict()) == s
-    with pytest.raises(SettingsError, match="unknown ScaleCrafter setting"):
-        ScaleCrafterSettings.from_dict({"enabled": True, "tau": 3})

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from ..scalecrafter.layout import training_size
 
@@ -43,17 +43,6 @@ class DemoFusionSettings:
         object.__setattr__(self, "sigma", _number("sigma", self.sigma, 0.0, 10.0, low_open=True))
         if not isinstance(self.jitter, bool):
             raise ValueError(f"jitter must be true or false; got {self.jitter!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DemoFusionSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DemoFusion setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
 
 
 def default_settings(family: str, *, v_prediction: bool = False) -> DemoFusionSettings:

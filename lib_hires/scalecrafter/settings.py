@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 NDCFG_MODES = ("auto", "on", "off")
 MULTIPLIER_RANGE = (0.1, 4.0)
@@ -43,14 +43,3 @@ class ScaleCrafterSettings:
         object.__setattr__(self, "dilation_multiplier", float(self.dilation_multiplier))
         if self.stop_at is not None:
             object.__setattr__(self, "stop_at", float(self.stop_at))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ScaleCrafterSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SettingsError(f"unknown ScaleCrafter setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))

@@ -126,6 +126,12 @@ def png_b64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def gradient_png(size: int) -> str:
+    """A radial gradient, base64 PNG: an init image or a ControlNet hint."""
+    from PIL import Image
+    return png_b64(Image.radial_gradient("L").convert("RGB").resize((size, size)))
+
+
 PLAIN = dict(prompt="a cat", negative_prompt="", steps=4, sampler_name="Euler", width=256, height=256, seed=7,
              cfg_scale=7, send_images=True, save_images=False)
 

@@ -9,9 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.integration.conftest import png_b64
+from tests.integration.conftest import gradient_png
 from tests.integration.test_api_scalecrafter import assert_clean, scalefusion
 
 pytestmark = pytest.mark.usefixtures("fresh_plain")
@@ -138,7 +137,7 @@ def test_lora_and_controlnet_with_demofusion(webui, api, txt2img, fresh_plain):
     from lib_hires.webui import controlnet_hints
 
     unit = {"enabled": True, "module": "none", "model": "control_tiny_sd15_random", "weight": 1.0,
-            "image": png_b64(Image.radial_gradient("L").convert("RGB").resize((256, 256)))}
+            "image": gradient_png(256)}
     hint_shapes, hints_at_end = [], []
     set_call = controlnet_hints.StageHints.set_call
 
@@ -194,7 +193,7 @@ def test_sdxl_views_get_their_crops_and_every_call_the_final_size(webui, load_ch
 
 
 def test_img2img_upscales_the_input(img2img):
-    init = png_b64(Image.radial_gradient("L").convert("RGB").resize((256, 256)))
+    init = gradient_png(256)
     result = img2img(init_images=[init], denoising_strength=0.6, width=256, height=256,
                      alwayson_scripts=demofusion(scale=2))
     assert result.status == 200 and result.size == (512, 512)

@@ -9,10 +9,9 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lib_hires.settings import FIELDS
-from tests.integration.conftest import png_b64
+from tests.integration.conftest import gradient_png
 
 pytestmark = pytest.mark.usefixtures("fresh_plain")
 
@@ -136,7 +135,7 @@ def test_lora_and_controlnet_together_with_scalecrafter(webui, api, txt2img):
     if "controlnet" not in [s["name"] for s in api.get("/sdapi/v1/script-info").json()]:
         pytest.skip("sd-webui-controlnet is not installed in this WebUI")
     unit = {"enabled": True, "module": "none", "model": "control_tiny_sd15_random", "weight": 1.0,
-            "image": png_b64(Image.radial_gradient("L").convert("RGB").resize((512, 512)))}
+            "image": gradient_png(512)}
     both = dict(prompt="a cat <lora:tiny:1>", width=512, height=512,
                 alwayson_scripts={**scalefusion(native_size=128), "controlnet": {"args": [unit]}})
     result = txt2img(**both)
@@ -167,7 +166,7 @@ def test_every_sampler_completes(api, txt2img):
 
 
 def test_img2img(img2img):
-    init = png_b64(Image.radial_gradient("L").convert("RGB").resize((512, 512)))
+    init = gradient_png(512)
     result = img2img(init_images=[init], denoising_strength=0.75, width=512, height=512,
                      alwayson_scripts=scalefusion(native_size=128))
     assert result.status == 200 and result.size == (512, 512)
