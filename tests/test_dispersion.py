@@ -112,20 +112,23 @@ def test_disperse_weight_is_r_per_kernel_in_every_dtype():
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op creates while active."""
+    """Records the element count of the largest tensor any op creates (views aside) while active."""
+
+    PRODUCTS = (torch.ops.aten.bmm, torch.ops.aten.baddbmm, torch.ops.aten.baddbmm_)
 
     def __init__(self):
         super().__init__()
         self.largest = 0
-        self.convs = 0
+        self.convs = self.products = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.mkldnn_convolution):
-            self.convs += 1
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
+        self.convs += func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.mkldnn_convolution)
+        self.products += func.overloadpacket in self.PRODUCTS
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
         return out
 
 
@@ -169,12 +172,25 @@ def test_factorised_conv_without_bias_and_with_tuple_arguments():
     assert torch.allclose(got, reference_dispersed(x, w, None, (1, 2), (4, 2), (2, 1)), rtol=0, atol=1e-10)
 
 
+def test_factorised_conv_takes_channels_last_input_and_gradients():
+    torch.manual_seed(5)
+    x = torch.randn(3, 20, 10, 12, dtype=torch.float64).to(memory_format=torch.channels_last)
+    w, b = torch.randn(5, 20, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    got = dispersed_conv2d(x, w, b, dispersion_transform(), padding=4, dilation=2)
+    assert torch.allclose(got, reference_dispersed(x, w, b, 1, 4, 2), rtol=0, atol=1e-10)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(dispersed_conv2d(*leaves, dispersion_transform(), padding=2).square().sum(), leaves)
+        expected = torch.autograd.grad(reference_dispersed(*leaves, 1, 2, 1).square().sum(), leaves)
+    assert all(torch.allclose(g, e, rtol=1e-10, atol=1e-9) for g, e in zip(grads, expected))
+
+
 def test_factorised_conv_works_in_input_channel_chunks():
     torch.manual_seed(2)
     x, w, b = torch.randn(1, 40, 12, 12), torch.randn(8, 40, 3, 3), torch.randn(8)  # chunk 40 // 9 = 4 channels
     with LargestTensor() as mode:
         got = dispersed_conv2d(x, w, b, dispersion_transform(), padding=2)
-    assert mode.convs == 2 * 10  # a depthwise and a 1x1 conv per chunk
+    assert mode.convs == 10 and mode.products == 10  # a depthwise conv and a 1x1 product per chunk
     expected = reference_dispersed(x, w, b, 1, 2, 1)
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
 

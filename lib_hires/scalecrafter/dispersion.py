@@ -102,9 +102,11 @@ def dispersed_conv2d(x: torch.Tensor, weight3: torch.Tensor, bias: torch.Tensor 
     * a 1x1 conv of ``spread`` with ``weight3`` reshaped to ``(out, in*k*k, 1, 1)``, plus ``bias``,
 
     since ``sum_p K[o,i,p] x_i[p] = sum_n k[o,i,n] sum_p R[p,n] x_i[p]``. Input channels go in chunks of
-    ``max(1, max(in, out) // (k*k))`` whose 1x1 outputs are summed, so ``spread`` stays about the size of
-    the larger of input and output. ``weight3`` is used as handed over (LoRA-merged, cast); nothing is kept.
-    Only ``groups=1`` convs are supported.
+    ``max(1, max(in, out) // (k*k))``, so ``spread`` stays about the size of the larger of input and output.
+    The 1x1 conv is a batched matrix product with a strided view of ``weight3`` accumulated in place into the
+    output: no weight copy, no output-sized temporary (as a 1x1 conv op would need both, and on CPUs its
+    weight reordering costs more than the product at small maps). ``weight3`` is used as handed over
+    (LoRA-merged, cast); nothing is kept. Only ``groups=1`` convs are supported. The output is contiguous.
     """
     if groups != 1:
         raise ValueError(f"dispersed_conv2d: only groups=1 convs can be dispersed; got groups={groups}")
@@ -117,20 +119,21 @@ def dispersed_conv2d(x: torch.Tensor, weight3: torch.Tensor, bias: torch.Tensor 
     if transform.dim() != 2 or transform.shape[1] != taps or large * large != transform.shape[0]:
         raise ValueError(f"dispersed_conv2d: transform {tuple(transform.shape)} does not map {kh}x{kw} kernels "
                          f"to square ones")
+    batch = x.shape[0]
     basis = transform.to(device=x.device, dtype=x.dtype).T.reshape(taps, 1, large, large)
     chunk = min(in_channels, max(1, max(in_channels, out_channels) // taps))
     depthwise = basis.repeat(chunk, 1, 1, 1)
+    mix = weight3.reshape(out_channels, in_channels * taps)  # column i*taps + n: input channel i, tap n
     out = None
     for start in range(0, in_channels, chunk):
-        part_x = x[:, start:start + chunk]
-        width = part_x.shape[1]
-        spread = F.conv2d(part_x, depthwise[:width * taps], None, stride, padding, dilation, width)
-        mix = weight3[:, start:start + width].reshape(out_channels, width * taps, 1, 1)
+        width = min(chunk, in_channels - start)
+        spread = F.conv2d(x[:, start:start + width], depthwise[:width * taps], None, stride, padding, dilation, width)
+        size = spread.shape[-2:]
+        spread = spread.reshape(batch, width * taps, size[0] * size[1])
+        part = mix[:, start * taps:(start + width) * taps].expand(batch, -1, -1)
         if out is None:
-            out = F.conv2d(spread, mix, bias)
+            out = torch.bmm(part, spread) if bias is None else torch.baddbmm(bias.view(1, -1, 1), part, spread)
         else:
-            out.add_(F.conv2d(spread, mix))
+            out.baddbmm_(part, spread)
         del spread
-    return out
-
-
+    return out.view(batch, out_channels, *size)
