@@ -50,4 +50,4 @@ def test_webui_adapters_need_only_what_the_webui_ships():
     assert adapters
     for path in adapters:
         third_party = imported_roots(path) - stdlib - {"lib_hires"}
-        assert third_party <= SHIPPED_BY_WEBUI | {"fastapi", "PIL", "modules"}, (path, third_party)
+        assert third_party <= SHIPPED_BY_WEBUI | {"fastapi", "PIL", "psutil", "modules"}, (path, third_party)

@@ -41,3 +41,19 @@ def test_benchmark_precomputed_comparator_matches_the_engine_and_removes_itself(
         assert all(isinstance(vars(bench.unet.get_submodule(p))["_conv_forward"], ConvHook) for p in plan.dispersed)
     assert ((precomputed - engine).abs().max() / engine.abs().max()).item() < 1e-5
     assert not any("_conv_forward" in vars(m) for m in bench.unet.modules())
+
+
+def test_decode_benchmark_compares_tiled_and_full_side_by_side(tmp_path, capsys):
+    from tools import benchmark_decode
+
+    out_file = tmp_path / "decode.json"
+    assert benchmark_decode.main(["--sizes", "128", "256", "--tile", "16", "--rounds", "1",
+                                  "--json", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "peak: tiled at 256² vs full at 128²" in out and "time: tiled vs full at 256²" in out
+    result = json.loads(out_file.read_text())
+    assert result["tile"] == 16 and result["width"] == 0.25
+    for size in ("128", "256"):
+        entry = result["sizes"][size]
+        assert entry["full_peak"] > 0 and entry["tiled_peak"] > 0 and entry["time_ratio"] > 0
+    assert result["sizes"]["256"]["tiled_peak"] < result["sizes"]["256"]["full_peak"]  # 16-px tiles: far less

@@ -171,8 +171,7 @@ def test_stage_patches_apply_the_skip_residual_once_per_step_and_come_off():
     p = SimpleNamespace(sampler=sampler)
     z_up, noise = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 32, 32)
     settings = DemoFusionSettings(window=16, stride=8, jitter=False)
-    patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), settings, z_up, noise, None, None, None, lambda: None,
-                            SimpleNamespace(current_latent=None))
+    patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), settings, z_up, noise, None, None, None, lambda: None)
     x = torch.randn(1, 4, 32, 32)
     expected = skip_residual(x.clone(), z_up, noise, torch.tensor([3.0]), skip_weight(torch.tensor([500.0]), 3.0))
     cond = torch.randn(1, 7, 8)
@@ -205,7 +204,7 @@ def test_stage_patches_stop_at_an_interrupt():
     p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None))
     z = torch.zeros(1, 4, 32, 32)
     patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), DemoFusionSettings(window=16, stride=8, jitter=False),
-                            z, z, None, None, None, interrupt, SimpleNamespace(current_latent=None))
+                            z, z, None, None, None, interrupt)
     with pytest.raises(Interrupted):
         cfg(torch.zeros(1, 4, 32, 32), torch.tensor([1.0]), cond=torch.zeros(1, 7, 8))
     assert cfg.inner_model.__dict__.get("calls", 0) == 0  # stopped before any UNet call
@@ -223,15 +222,3 @@ def test_final_size_conditioning_patch():
     assert seen == [{"edited": True}] and edited == [{"vector": 1}]
     patch.remove()
     assert vars(inner)["forward"] is not patch and inner(torch.ones(1), torch.zeros(1), cond={}) == 1  # the old patch is back
-
-
-def test_a_big_live_preview_is_shrunk():
-    from lib_hires.webui.demofusion_sampler import shrink_preview
-
-    state = SimpleNamespace(current_latent=torch.randn(1, 4, 512, 256))
-    shrink_preview(state)
-    assert state.current_latent.shape == (1, 4, 128, 64)
-    small = torch.randn(1, 4, 64, 64)
-    state.current_latent = small
-    shrink_preview(state)
-    assert state.current_latent is small

@@ -26,10 +26,8 @@ Reported, with the targets of the project:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +43,7 @@ from lib_hires.scalecrafter import (NoiseDampedCFG, ScaleCrafterController, Scal
                                     disperse_weight, dispersion_transform, redilated_conv2d)
 from lib_hires.scalecrafter.redilated_conv import conv_output_size
 from tools.kdiffusion_compat import load_k_diffusion
+from tools.peak_memory import peak_rss, reset_peak_rss
 from tools.tiny_ldm import TinyLatentDiffusion
 from tools.unet_factory import FULL, build_unet, example_inputs
 
@@ -263,35 +262,12 @@ def benchmark(spec: Spec, args) -> dict:
             "seconds": times, "memory_bytes": memory, **results}
 
 
-def _reset_peak_rss() -> bool:
-    """Hands freed heap back to the OS and resets this process's RSS high-water mark (Linux >= 4.0)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss(since_reset: bool) -> int:
-    if since_reset:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # includes building: less sensitive
-
-
 def child_main(args) -> int:
     spec = args.spec[0]
     bench = Bench(spec, "cpu", getattr(torch, args.dtype), args.model_size)
-    reset = _reset_peak_rss()  # building the UNet peaks far above a run; only the run is measured
+    reset = reset_peak_rss()  # building the UNet peaks far above a run; only the run is measured
     bench.run(args.child)
-    print(json.dumps({"peak_rss": _peak_rss(reset), "run_only": reset}))
+    print(json.dumps({"peak_rss": peak_rss(reset), "run_only": reset}))
     return 0
 
 

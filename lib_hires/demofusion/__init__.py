@@ -12,7 +12,7 @@ from .fused import FusedDenoiser
 from .plan import Stage, StagePlan, plan_stages, stage_dilation, stage_factors
 from .settings import DemoFusionSettings, default_settings
 from .stage import euler, sample_stage, sample_stages, skip_residual, stage_noise, upsample_latent
-from .decode import tiled_decode
+from ..vae_tiles import tiled_decode  # re-exported: the engine API of issue 4
 from .views import (DilatedView, LocalView, coverage, dilated_size, dilated_views, grid_size, jitter_range,
                     local_views, view_starts)
 from .weights import StepWeights, blur_weight, cosine_factor, fusion_weight, skip_weight, step_weights

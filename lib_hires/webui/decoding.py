@@ -1,21 +1,28 @@
-"""Decoding big latents without running out of memory, and saving DemoFusion's intermediate stages.
+"""Large outputs in the WebUI: tiled VAE decodes, small live previews, saving DemoFusion's stages.
 
-Above a size set in the settings the latent is decoded in overlapping tiles (``demofusion.tiled_decode``)
-through the WebUI's own ``decode_latent_batch``, which keeps its NaN fallback and low-VRAM handling.
-When Tiled VAE (multidiffusion-upscaler) has hooked the decoder, the WebUI's normal decode already
-tiles, so nothing is done here.
+While a ScaleFusion job runs, a latent larger than one decode tile is decoded in tiles
+(``lib_hires.vae_tiles``), each through the WebUI's own ``decode_latent_batch`` so its NaN fallback
+(retry with the VAE in 32-bit floats) and low-VRAM handling stay: the final decode in ``post_sample``
+(returned as decoded samples, so the WebUI skips its own) and, during ``p.sample``, any other decode
+of the model (the first pass of a Hires. fix with a non-latent upscaler). The tile is 1024 px, smaller
+where the device's free memory is short (``choose_tile``), or the user's setting. When Tiled VAE
+(multidiffusion-upscaler) has hooked the decoder it already tiles, and nothing is done here.
+
+Live previews are decoded by the progress thread from ``shared.state.current_latent``; while the job
+runs, that decode is handed a downscaled copy of a large latent.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from lib_hires.demofusion import tiled_decode
+from lib_hires.vae_tiles import available_ram_bytes, choose_tile, default_overlap, shrink_latent, tiled_decode
 
-THRESHOLD_OPTION = "scalefusion_tiled_decode_megapixels"
+from .instance_patch import InstancePatch
+
 TILE_OPTION = "scalefusion_decode_tile"
-DEFAULT_THRESHOLD_MP = 4.5   # just above 2048 x 2048
-DEFAULT_TILE = 96            # latent px (768 px), neighbours overlapping by a quarter of it
+DEFAULT_TILE = 0          # automatic
+FALLBACK_FREE_BYTES = 8 * 2 ** 30  # where free memory cannot be read
 
 
 def tiled_vae_active(sd_model) -> bool:
@@ -24,37 +31,110 @@ def tiled_vae_active(sd_model) -> bool:
     return hasattr(decoder, "original_forward") or type(forward).__name__ == "VAEHook"
 
 
-def needs_tiles(sd_model, latent: torch.Tensor, opts) -> bool:
-    megapixels = latent.shape[-2] * latent.shape[-1] * 64 / 1e6
-    return megapixels > float(opts.data.get(THRESHOLD_OPTION, DEFAULT_THRESHOLD_MP)) and not tiled_vae_active(sd_model)
+def free_bytes(device: torch.device) -> int:
+    """Memory a decode on ``device`` can use now, counting what torch's caching allocator holds unused."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "mps" and hasattr(torch, "mps") and hasattr(torch.mps, "recommended_max_memory"):
+        return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
+    available = available_ram_bytes()
+    if available is None:
+        try:
+            import psutil  # the WebUI ships it; Windows and macOS have no /proc/meminfo
+            available = int(psutil.virtual_memory().available)
+        except ImportError:
+            available = FALLBACK_FREE_BYTES
+    return available
+
+
+def decode_element_size(sd_model) -> int:
+    """Bytes per value of the decode. The SDXL VAE overflows in half precision and the WebUI then retries
+    in 32-bit floats, so an SDXL tile must fit at 4 bytes."""
+    if getattr(sd_model, "is_sdxl", False):
+        return 4
+    dtype = getattr(getattr(sd_model, "first_stage_model", None), "dtype", torch.float32)
+    return torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+
+
+def tile_size(sd_model, opts, device: torch.device) -> int:
+    """Decode tile in latent px: the user's setting, or 128 (1024 px) shrunk to what the free memory allows."""
+    chosen = int(opts.data.get(TILE_OPTION, DEFAULT_TILE) or 0)
+    if chosen > 0:
+        return chosen
+    conv_in = getattr(getattr(getattr(sd_model, "first_stage_model", None), "decoder", None), "conv_in", None)
+    channels = getattr(conv_in, "out_channels", 512)
+    return choose_tile(free_bytes(device), decode_element_size(sd_model), channels)
+
+
+def tile_for(sd_model, latent: torch.Tensor) -> int | None:
+    """The tile to decode ``latent`` with, or None where one plain decode is right."""
+    from modules import devices, shared
+
+    if tiled_vae_active(sd_model):
+        return None
+    tile = tile_size(sd_model, shared.opts, torch.device(devices.device))
+    return tile if max(latent.shape[-2:]) > tile else None
 
 
 def decode(p, latents: torch.Tensor) -> list[torch.Tensor]:
     """One ``[3, H, W]`` image in [-1, 1] on the CPU per latent, tiled when the latent is big."""
-    from modules import devices, processing, shared
+    from modules import devices, processing
 
-    if not needs_tiles(p.sd_model, latents, shared.opts):
+    tile = tile_for(p.sd_model, latents)
+    if tile is None:
         return list(processing.decode_latent_batch(p.sd_model, latents, target_device=devices.cpu, check_for_nans=True))
-    tile = int(shared.opts.data.get(TILE_OPTION, DEFAULT_TILE))
 
     def decode_tile(z):
         images = processing.decode_latent_batch(p.sd_model, z, target_device=devices.cpu, check_for_nans=True)
         devices.torch_gc()
         return torch.stack(list(images)).float()
 
-    return [tiled_decode(decode_tile, latents[i:i + 1], tile=tile, overlap=max(8, tile // 4),
+    return [tiled_decode(decode_tile, latents[i:i + 1], tile=tile, overlap=default_overlap(tile),
                          out_device=torch.device("cpu"))[0] for i in range(latents.shape[0])]
 
 
 def post_sample(p, ps) -> None:
     """``Script.post_sample``: takes over the decode of a big latent."""
-    from modules import processing, shared
+    from modules import processing
 
     samples = ps.samples
     if getattr(samples, "already_decoded", False) or not isinstance(samples, torch.Tensor):
         return
-    if needs_tiles(p.sd_model, samples, shared.opts):
+    if tile_for(p.sd_model, samples) is not None:
         ps.samples = processing.DecodedSamples(decode(p, samples))
+
+
+class LargeOutputGuard:
+    """Installed for the duration of ``p.sample``: small live previews and tiled decodes of big latents.
+
+    Two instance patches, undone by ``remove()``: ``shared.state.do_set_current_image`` (the progress
+    thread's preview decode) and ``sd_model.decode_first_stage`` (every full VAE decode of the model).
+    """
+
+    def __init__(self, sd_model, state, choose=tile_for):
+        self._decode_first_stage = sd_model.decode_first_stage
+        self._set_preview = state.do_set_current_image
+        self.sd_model, self.state, self.choose = sd_model, state, choose
+        self.patches = [InstancePatch(state, "do_set_current_image", self._preview),
+                        InstancePatch(sd_model, "decode_first_stage", self._decode)]
+
+    def _preview(self):
+        latent = self.state.current_latent
+        if isinstance(latent, torch.Tensor):
+            self.state.current_latent = shrink_latent(latent)
+        return self._set_preview()
+
+    def _decode(self, z, *args, **kwargs):
+        tile = self.choose(self.sd_model, z) if isinstance(z, torch.Tensor) and z.dim() == 4 else None
+        if tile is None:
+            return self._decode_first_stage(z, *args, **kwargs)
+        return tiled_decode(lambda part: self._decode_first_stage(part, *args, **kwargs), z, tile=tile,
+                            overlap=default_overlap(tile))
+
+    def remove(self) -> None:
+        for patch in reversed(self.patches):
+            patch.remove()
 
 
 def save_stage(p, latents: torch.Tensor, stage_index: int) -> None:

@@ -19,7 +19,6 @@ After each stage every image is re-standardised to its stage-1 latent's mean and
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, plan_stages, repeat_rows,
                                   restandardize, row_stats, skip_residual, skip_weight, upsample_latent)
@@ -27,29 +26,10 @@ from lib_hires.settings import TITLE, ScaleFusionSettings
 
 from . import decoding
 from .controlnet_hints import StageHints, control_params
+from .instance_patch import InstancePatch
 from .messages import log
 from .model_info import ModelInfo
 from .sdxl_conditioning import SizeConditioning
-
-class InstancePatch:
-    """``owner.name = value`` on the instance; ``remove()`` puts back what the instance had before."""
-
-    def __init__(self, owner, name: str, value):
-        self.owner, self.name, self.value = owner, name, value
-        self.had_own, self.previous = name in vars(owner), vars(owner).get(name)
-        setattr(owner, name, value)
-
-    def remove(self) -> None:
-        if vars(self.owner).get(self.name) is not self.value:
-            return  # patched again on top of us: leave the newer patch alone
-        if self.had_own:
-            setattr(self.owner, self.name, self.previous)
-        else:
-            delattr(self.owner, self.name)
-
-
-PREVIEW_MAX_SIDE = 128  # latent px: a bigger live preview is decoded smaller, so it cannot run out of memory
-
 
 def engine_settings(settings: ScaleFusionSettings, info: ModelInfo) -> DemoFusionSettings:
     window = info.window
@@ -84,7 +64,7 @@ class StageSampling:
     """The instance patches of one later stage on ``p.sampler``; ``remove()`` undoes them."""
 
     def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator | None,
-                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt, state):
+                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt):
         self.sampler = p.sampler
         self.cfg = p.sampler.model_wrap_cfg
         self.inner = self.cfg.inner_model
@@ -93,7 +73,6 @@ class StageSampling:
         self.pending = True  # the next CFG evaluation starts a step
         self.call = None     # the model call view_cond serves (before_call sees it first)
         self.size_cond, self.hints, self.check_interrupt = size_cond, hints, check_interrupt
-        self.state = state  # the WebUI's shared.state: its live preview latent is kept small
         self.fused = FusedDenoiser.from_settings(self.inner.forward, settings, dilation=stage.dilation,
                                                  sigma_to_t=self.inner.sigma_to_t, jitter=jitter,
                                                  view_cond=self._view_cond, before_call=self._before_call)
@@ -107,9 +86,7 @@ class StageSampling:
             self.pending = False
             c1 = skip_weight(self.inner.sigma_to_t(sigma), self.cosine_scale_1)
             x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
-        denoised = self._cfg_forward(x, sigma, **kwargs)
-        shrink_preview(self.state)
-        return denoised
+        return self._cfg_forward(x, sigma, **kwargs)
 
     def _callback_state(self, d):
         self.pending = True
@@ -130,14 +107,6 @@ class StageSampling:
     def remove(self) -> None:
         for patch in reversed(self.patches):
             patch.remove()
-
-
-def shrink_preview(state) -> None:
-    """Live previews decode ``state.current_latent``; a 4096 px one could run out of memory doing so."""
-    latent = getattr(state, "current_latent", None)
-    if isinstance(latent, torch.Tensor) and max(latent.shape[-2:]) > PREVIEW_MAX_SIDE:
-        scale = PREVIEW_MAX_SIDE / max(latent.shape[-2:])
-        state.current_latent = F.interpolate(latent, scale_factor=scale, mode="bilinear", align_corners=False)
 
 
 class FinalSizeConditioning:
@@ -257,8 +226,7 @@ class DemoFusionRun:
             hints.set_stage(stage.latent_size)
         if p.scripts is not None:
             p.scripts.process_before_every_sampling(p=p, x=z_up, noise=noise, c=c, uc=uc)
-        patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._check_interrupt,
-                                shared.state)
+        patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._check_interrupt)
         strength = p.denoising_strength
         try:
             if self.is_img2img:  # the user's denoising strength, as in img2img and the hires pass

@@ -12,7 +12,7 @@ import weakref
 from lib_hires.settings import DF, SC, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import short_source, size_warnings
 
-from . import model_info, xyz
+from . import decoding, model_info, xyz
 from .demofusion_sampler import DemoFusionRun, FinalSizeConditioning, stage_plan, unsupported_reason
 from .messages import RequestError, log
 from .scalecrafter_pass import ScaleCrafterPass, plan_for_latent
@@ -42,7 +42,8 @@ class Job:
     def __init__(self, p, settings: ScaleFusionSettings):
         self.settings = settings
         self.info: model_info.ModelInfo | None = None
-        self.hooks: list = []
+        self.hooks: list = []      # this pass's hooks
+        self.guard: decoding.LargeOutputGuard | None = None  # for all of p.sample: previews and decodes
         original_sample = p.sample
         self.run = DemoFusionRun(p, self, original_sample) if settings.method == DF else None
 
@@ -51,11 +52,16 @@ class Job:
             if self.info is not None:
                 self._check_request(p)
             try:
+                if self.info is not None:
+                    from modules import shared
+                    self.guard = decoding.LargeOutputGuard(p.sd_model, shared.state)
+                    _live_hooks.add(self.guard)
                 if self.run is not None and self.info is not None:
                     return self.run(*args, **kwargs)
                 return original_sample(*args, **kwargs)
             finally:
                 self.end_pass()
+                self._remove_guard()
 
         p.sample = sample
 
@@ -157,8 +163,15 @@ class Job:
             hook.remove()
             _live_hooks.discard(hook)
 
+    def _remove_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.remove()
+            _live_hooks.discard(self.guard)
+            self.guard = None
+
     def finish(self) -> None:
         self.end_pass()
+        self._remove_guard()
 
 
 def begin(p, args, defaults: ScaleFusionSettings) -> Job | None:

@@ -30,13 +30,11 @@ def register(shared) -> None:
         label = f"Default: {f.label}" + (f" ({f.method})" if f.method else "")
         shared.opts.add_option(option_key(f), shared.OptionInfo(f.to_ui(f.default), label, component, args,
                                                                 section=SECTION).info(f.help))
-    shared.opts.add_option(decoding.THRESHOLD_OPTION, shared.OptionInfo(
-        decoding.DEFAULT_THRESHOLD_MP, "Decode in tiles above this many megapixels (0 = always)", gr.Slider,
-        {"minimum": 0, "maximum": 64, "step": 0.5}, section=SECTION).info(
-        "ScaleFusion outputs above it are decoded tile by tile, unless Tiled VAE is on"))
     shared.opts.add_option(decoding.TILE_OPTION, shared.OptionInfo(
-        decoding.DEFAULT_TILE, "Decode tile size (latent px)", gr.Slider, {"minimum": 32, "maximum": 256, "step": 8},
-        section=SECTION).info("smaller tiles need less memory; neighbours overlap by a quarter tile"))
+        decoding.DEFAULT_TILE, "Decode tile size (latent px, 0 = automatic)", gr.Slider,
+        {"minimum": 0, "maximum": 256, "step": 8}, section=SECTION).info(
+        "outputs larger than one tile are decoded tile by tile, unless Tiled VAE is on; automatic: 128 (1024 px), "
+        "smaller when free memory is short"))
 
 
 def defaults(opts) -> ScaleFusionSettings:

@@ -242,7 +242,7 @@ def test_an_error_during_a_stage_leaves_nothing_behind(webui, txt2img, fresh_pla
 
 
 def test_tiled_decode_of_a_large_output(txt2img):
-    tiled = txt2img(width=256, height=256, override_settings={"scalefusion_tiled_decode_megapixels": 0},
+    tiled = txt2img(width=256, height=256, override_settings={"scalefusion_decode_tile": 16},
                     alwayson_scripts=demofusion(scale=2))
     full = txt2img(width=256, height=256, alwayson_scripts=demofusion(scale=2))
     assert tiled.status == 200 and tiled.size == full.size == (512, 512)

@@ -24,7 +24,8 @@ def hooks_left(webui):
     from lib_hires.webui import job, scalecrafter_pass
     unet = webui.sd_model.model.diffusion_model
     return (sum("_conv_forward" in vars(m) for m in unet.modules()) + len(unet._forward_pre_hooks)
-            + len(job._live_hooks) + (scalecrafter_pass._capture.denoiser is not None))
+            + len(job._live_hooks) + (scalecrafter_pass._capture.denoiser is not None)
+            + ("decode_first_stage" in vars(webui.sd_model)) + ("do_set_current_image" in vars(webui.state)))
 
 
 def assert_clean(webui, txt2img, fresh_plain):

@@ -1,0 +1,155 @@
+"""Decoding large latents: tiles with blended seams, a tile size from the available memory, small previews.
+
+Any ``decode(latent) -> image`` works whose image is an integer multiple (8 for SD VAEs) of the
+latent in both sides, with any channel count. Along each axis the latent is covered by equal tiles of
+at most ``tile`` latent px, spaced evenly so that neighbours share at least ``overlap`` px and no more
+than rounding needs (a 256-px latent with tile 128 and overlap 16 takes 3 tiles of 96, not 3 of 128:
+the decode does 1.27x the full decode's pixels instead of 2.25x). Across each shared band a tile's
+weight ramps linearly from ~0 at its edge to 1, so a decoder's border artefacts fade out instead of
+forming seams. One tile is decoded at a time and the result accumulated on ``out_device``: the
+decoder's working memory is one tile's whatever the image size.
+
+The weights of a tile are a product of one ramp per axis and tiles form a grid, so the sum of all
+weights is the product of per-axis sums: normalising needs two vectors, not a second image.
+GroupNorm statistics are not shared across tiles (Tiled VAE does that); on natural latents they differ
+little between tiles of 1024 px, and the ramps hide what differs at the seams.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+MIN_TILE = 32          # latent px; below it the decoder's border effects dominate a tile
+MAX_TILE = 256         # latent px; the largest tile a user may set
+PREFERRED_TILE = 128   # latent px (1024 px, SDXL's training size): a decode's cost is then ~all convolution
+                       # (the attention over 128² latent px is ~5% of it), so tiling a bigger latent costs
+                       # little more than decoding it whole (1.07x the work at 2048², less at 4096², where
+                       # whole-image attention is as costly as all the convs) at the memory of a 1024² decode
+PREVIEW_MAX_SIDE = 128  # latent px: live previews of bigger latents are decoded from a downscaled copy
+
+# Peak working memory of the SD / SDXL VAE decoder per output pixel, in elements per channel of its
+# middle block (512 in every released SD VAE): measured 2.3 on the real architecture (tools.vae_factory, fp32,
+# 384-512 px decodes; more below that, where fixed overheads count); 2.5 keeps a margin.
+ELEMENTS_PER_PIXEL_PER_CHANNEL = 2.5
+
+
+def tile_layout(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """(tile size, starts) of the fewest equal tiles of at most ``tile`` px covering ``length`` px with
+    neighbours sharing at least ``overlap`` px."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be from 0 to tile - 1 = {tile - 1}; got {overlap}")
+    if length <= tile:
+        return length, [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    size = math.ceil((length + (count - 1) * overlap) / count)
+    while True:  # integer starts: the widest gap must still leave the overlap
+        starts = [k * (length - size) // (count - 1) for k in range(count)]
+        if all(a + size - b >= overlap for a, b in zip(starts, starts[1:])):
+            return size, starts
+        size += 1
+
+
+def _ramps(starts: list[int], span: int, scale: int) -> list[torch.Tensor]:
+    """Per-tile weights along one axis, in output pixels."""
+    out = []
+    for k, a in enumerate(starts):
+        before = starts[k - 1] + span - a if k > 0 else 0   # latent px shared with the previous tile
+        after = a + span - starts[k + 1] if k + 1 < len(starts) else 0
+        p = torch.arange(span * scale, dtype=torch.float64) + 0.5
+        w = torch.ones_like(p)
+        if before > 0:
+            w = torch.minimum(w, p / (before * scale))
+        if after > 0:
+            w = torch.minimum(w, (span * scale - p) / (after * scale))
+        out.append(w)
+    return out
+
+
+def tiled_decode(decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, *, tile: int = 64,
+                 overlap: int = 16, out_device: torch.device | str | None = None) -> torch.Tensor:
+    """``decode(latent)`` assembled from tiles of at most ``tile`` latent px overlapping by ``overlap`` or more."""
+    height, width = latent.shape[-2:]
+    th, rows = tile_layout(height, tile, overlap)
+    tw, cols = tile_layout(width, tile, overlap)
+    out_device = latent.device if out_device is None else torch.device(out_device)
+
+    image = weight_h = weight_w = None
+    scale = 0
+    for i, top in enumerate(rows):
+        for j, left in enumerate(cols):
+            part = decode(latent[..., top:top + th, left:left + tw])
+            if image is None:
+                scale = part.shape[-1] // tw
+                if part.shape[-2:] != (th * scale, tw * scale) or scale < 1:
+                    raise ValueError(f"decode turned a {th}x{tw} latent into {tuple(part.shape[-2:])}: "
+                                     "expected the same integer scale on both sides")
+                image = torch.zeros(*part.shape[:-2], height * scale, width * scale, dtype=torch.float32,
+                                    device=out_device)
+                ramps_h = _ramps(rows, th, scale)
+                ramps_w = _ramps(cols, tw, scale)
+                weight_h = torch.zeros(height * scale, dtype=torch.float64)
+                weight_w = torch.zeros(width * scale, dtype=torch.float64)
+                for a, r in zip(rows, ramps_h):
+                    weight_h[a * scale:(a + th) * scale] += r
+                for a, r in zip(cols, ramps_w):
+                    weight_w[a * scale:(a + tw) * scale] += r
+            w = (ramps_h[i][:, None] * ramps_w[j][None, :]).to(device=out_device, dtype=torch.float32)
+            image[..., top * scale:(top + th) * scale, left * scale:(left + tw) * scale] += \
+                part.to(device=out_device, dtype=torch.float32) * w
+            dtype = part.dtype
+    image /= weight_h.to(device=out_device, dtype=torch.float32)[:, None]
+    image /= weight_w.to(device=out_device, dtype=torch.float32)[None, :]
+    return image.to(dtype)
+
+
+def default_overlap(tile: int) -> int:
+    """16 latent px (128 px: the decoder's reach across a seam), a quarter of a small tile."""
+    return max(2, min(16, tile // 4))
+
+
+def decoder_peak_bytes(height: int, width: int, element_size: int, channels: int = 512) -> int:
+    """Working memory of one SD-VAE decode of a ``height`` x ``width`` latent, conservatively.
+
+    Activations grow with the output pixels; the middle block's attention scores are counted as if
+    materialised (the WebUI's attention optimisations may avoid that; a tile size must not rely on it).
+    """
+    pixels = 64 * height * width
+    return int(ELEMENTS_PER_PIXEL_PER_CHANNEL * channels * pixels * element_size
+               + (height * width) ** 2 * element_size)
+
+
+def choose_tile(free_bytes: int, element_size: int, channels: int = 512, *, preferred: int = PREFERRED_TILE,
+                share: float = 0.5) -> int:
+    """``preferred``, or the largest square tile below it (latent px, multiple of 8, at least ``MIN_TILE``)
+    whose decode needs at most ``share`` of ``free_bytes``; the rest is left for the accumulated image, the
+    WebUI's 32-bit retry and other work."""
+    budget = free_bytes * share
+    tile = preferred
+    while tile > MIN_TILE and decoder_peak_bytes(tile, tile, element_size, channels) > budget:
+        tile -= 8
+    return tile
+
+
+def available_ram_bytes() -> int | None:
+    """Memory the OS can still hand out (Linux ``MemAvailable``), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def shrink_latent(latent: torch.Tensor, max_side: int = PREVIEW_MAX_SIDE) -> torch.Tensor:
+    """``latent`` downscaled (area average) so that its longer side is at most ``max_side``; as is if it fits."""
+    height, width = latent.shape[-2:]
+    if max(height, width) <= max_side:
+        return latent
+    scale = max_side / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(latent.float(), size=size, mode="area").to(latent.dtype)
