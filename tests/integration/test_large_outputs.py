@@ -64,41 +64,32 @@ def test_sdxl_demofusion_x2_from_1024(sdxl, webui, txt2img, peak_rss, decoder_in
     assert _status_bytes("VmHWM:") < 22 * GIB  # what a 24 GB machine leaves the WebUI
 
 
-def test_live_previews_decode_a_downscaled_latent(webui, txt2img, decoder_inputs):
-    """The progress thread's preview decode, called mid-sampling: it gets a latent of at most 128 px a side."""
+@pytest.fixture
+def previews(webui):
+    """Calls the progress thread's preview decode after every CFG step; collects the preview sizes."""
     from modules import script_callbacks
 
-    previews = []
+    sizes = []
 
     def preview_now(params):
         webui.state.do_set_current_image()
-        previews.append(webui.state.current_image.size)
+        sizes.append(webui.state.current_image.size)
 
     script_callbacks.on_cfg_after_cfg(preview_now)
-    try:
-        result = txt2img(width=1536, height=1024, steps=2, override_settings={"show_progress_type": "Full"},
-                         alwayson_scripts=scalefusion(method="ScaleCrafter"))
-    finally:
-        script_callbacks.remove_callbacks_for_function(preview_now)
+    yield sizes
+    script_callbacks.remove_callbacks_for_function(preview_now)
+
+
+def test_live_previews_decode_a_downscaled_latent(txt2img, previews, decoder_inputs):
+    result = txt2img(width=1536, height=1024, steps=2, override_settings={"show_progress_type": "Full"},
+                     alwayson_scripts=scalefusion(method="ScaleCrafter"))
     assert result.status == 200, result.json
     assert previews and set(previews) == {(1024, 680)}  # 192x128 latent shown as 128x85
     assert (85, 128) in decoder_inputs
 
 
-def test_plain_previews_are_untouched(webui, txt2img):
-    from modules import script_callbacks
-
-    previews = []
-
-    def preview_now(params):
-        webui.state.do_set_current_image()
-        previews.append(webui.state.current_image.size)
-
-    script_callbacks.on_cfg_after_cfg(preview_now)
-    try:
-        assert txt2img(width=1536, height=1024, steps=1, override_settings={"show_progress_type": "Full"}).status == 200
-    finally:
-        script_callbacks.remove_callbacks_for_function(preview_now)
+def test_plain_previews_are_untouched(txt2img, previews):
+    assert txt2img(width=1536, height=1024, steps=1, override_settings={"show_progress_type": "Full"}).status == 200
     assert set(previews) == {(1536, 1024)}
 
 
