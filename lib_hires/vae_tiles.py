@@ -75,6 +75,8 @@ def tiled_decode(decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.T
     th, rows = tile_layout(height, tile, overlap)
     tw, cols = tile_layout(width, tile, overlap)
     out_device = latent.device if out_device is None else torch.device(out_device)
+    if len(rows) == len(cols) == 1:
+        return decode(latent).to(out_device)
 
     image = weight_h = weight_w = None
     scale = 0
@@ -113,12 +115,14 @@ def default_overlap(tile: int) -> int:
 def decoder_peak_bytes(height: int, width: int, element_size: int, channels: int = 512) -> int:
     """Working memory of one SD-VAE decode of a ``height`` x ``width`` latent, conservatively.
 
-    Activations grow with the output pixels; the middle block's attention scores are counted as if
-    materialised (the WebUI's attention optimisations may avoid that; a tile size must not rely on it).
+    Activations grow with the output pixels; the middle block's attention scores are counted as
+    materialised twice, scores and their softmax, as torch's CPU attention does (measured: a 1536² decode
+    at 1/4 width peaks at 11.8 GiB, 10.9 of them attention). Memory-efficient attention avoids that, but a
+    tile size must not rely on it.
     """
     pixels = 64 * height * width
     return int(ELEMENTS_PER_PIXEL_PER_CHANNEL * channels * pixels * element_size
-               + (height * width) ** 2 * element_size)
+               + 2 * (height * width) ** 2 * element_size)
 
 
 def choose_tile(free_bytes: int, element_size: int, channels: int = 512, *, preferred: int = PREFERRED_TILE,

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                          full_seconds=statistics.median(m["seconds"] for m in full),
                          time_ratio=statistics.median(t["seconds"] / f["seconds"] for t, f in zip(tiled, full)))
         summary["sizes"][pixels] = entry
-        full_text = (f"{entry['full_peak'] / GIB:8.2f}G  " if full else "  (does not fit)")
+        full_text = f"{entry['full_peak'] / GIB:8.2f}G" if full else "  too big"
         print(f"  {pixels:>5}²  {full_text:<11} {entry['tiled_peak'] / GIB:8.2f}G  "
               + (f"{entry['full_seconds']:8.2f}  " if full else f"{'-':>8}  ")
               + f"{entry['tiled_seconds']:8.2f}  " + (f"{entry['time_ratio']:8.3f}x" if full else ""))
