@@ -98,3 +98,27 @@ def test_tiled_vae_is_recognised():
     assert not tiled_vae_active(model)
     model.first_stage_model.decoder.original_forward = lambda x: x
     assert tiled_vae_active(model)
+
+
+def test_a_decode_inside_a_denoiser_step_is_a_preview_and_shrunk():
+    """--medvram/--lowvram decode the live preview inside the step, through decode_first_stage."""
+    from lib_hires.webui.decoding import StepPreviews
+
+    model, state = Model(), State(None)
+    guard = LargeOutputGuard(model, state, choose=big_latents_get_tiles_of(512))
+    big = torch.randn(1, 4, 256, 192)
+
+    class CFGDenoiser:
+        def forward(self, x):
+            return model.decode_first_stage(big)  # store_latent's preview decode
+
+    cfg = CFGDenoiser()
+    watch = StepPreviews(cfg, guard)
+    try:
+        assert cfg.forward(None).shape[-2:] == (8 * PREVIEW_MAX_SIDE, 8 * 96)
+        assert model.decode_first_stage(big).shape[-2:] == (2048, 1536)  # outside a step: the real decode
+        assert model.seen == [(PREVIEW_MAX_SIDE, 96), (256, 192)]
+    finally:
+        watch.remove()
+        guard.remove()
+    assert "forward" not in vars(cfg) and not guard.in_step

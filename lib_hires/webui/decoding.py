@@ -110,12 +110,15 @@ class LargeOutputGuard:
 
     Two instance patches, undone by ``remove()``: ``shared.state.do_set_current_image`` (the progress
     thread's preview decode) and ``sd_model.decode_first_stage`` (every full VAE decode of the model).
+    A decode asked for inside a denoiser step (``in_step``, see :class:`StepPreviews`) is the live preview
+    that ``--medvram`` / ``--lowvram`` make there instead of in the progress thread: it is shrunk too.
     """
 
     def __init__(self, sd_model, state, choose=tile_for):
         self._decode_first_stage = sd_model.decode_first_stage
         self._set_preview = state.do_set_current_image
         self.sd_model, self.state, self.choose = sd_model, state, choose
+        self.in_step = False
         self.patches = [InstancePatch(state, "do_set_current_image", self._preview),
                         InstancePatch(sd_model, "decode_first_stage", self._decode)]
 
@@ -126,6 +129,8 @@ class LargeOutputGuard:
         return self._set_preview()
 
     def _decode(self, z, *args, **kwargs):
+        if self.in_step and isinstance(z, torch.Tensor) and z.dim() == 4:
+            z = shrink_latent(z)
         tile = self.choose(self.sd_model, z) if isinstance(z, torch.Tensor) and z.dim() == 4 else None
         if tile is None:
             return self._decode_first_stage(z, *args, **kwargs)
@@ -135,6 +140,24 @@ class LargeOutputGuard:
     def remove(self) -> None:
         for patch in reversed(self.patches):
             patch.remove()
+
+
+class StepPreviews:
+    """One pass's instance patch on its ``CFGDenoiser``: marks the guard ``in_step`` during each step."""
+
+    def __init__(self, cfg_denoiser, guard: LargeOutputGuard):
+        self._forward, self.guard = cfg_denoiser.forward, guard
+        self.patch = InstancePatch(cfg_denoiser, "forward", self)
+
+    def __call__(self, *args, **kwargs):
+        self.guard.in_step = True
+        try:
+            return self._forward(*args, **kwargs)
+        finally:
+            self.guard.in_step = False
+
+    def remove(self) -> None:
+        self.patch.remove()
 
 
 def save_stage(p, latents: torch.Tensor, stage_index: int) -> None:

@@ -118,6 +118,9 @@ class Job:
         self.end_pass()
         if self.info is None:
             return
+        cfg_denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+        if self.guard is not None and cfg_denoiser is not None:
+            self._add(decoding.StepPreviews(cfg_denoiser, self.guard))
         if self.run is not None:
             self._start_demofusion_pass(p, x)
             return

@@ -93,6 +93,19 @@ def test_plain_previews_are_untouched(txt2img, previews):
     assert set(previews) == {(1536, 1024)}
 
 
+def test_in_step_previews_of_medvram_are_decoded_small(webui, txt2img, decoder_inputs, monkeypatch):
+    """--medvram/--lowvram decode the preview inside the step (store_latent), not in the progress thread."""
+    monkeypatch.setattr(webui, "parallel_processing_allowed", False)  # what --medvram sets at start-up
+    previews = {"show_progress_type": "Full", "live_previews_enable": True, "show_progress_every_n_steps": 1}
+    result = txt2img(width=1536, height=1024, steps=2, override_settings=previews,
+                     alwayson_scripts=scalefusion(method="ScaleCrafter"))
+    assert result.status == 200, result.json
+    assert (85, 128) in decoder_inputs and max(max(s) for s in decoder_inputs) <= 128  # tiles, small previews
+    decoder_inputs.clear()
+    assert txt2img(width=1536, height=1024, steps=2, override_settings=previews).status == 200
+    assert (128, 192) in decoder_inputs  # the WebUI's own preview and decode, without ScaleFusion
+
+
 def test_hires_first_pass_and_final_decode_are_tiled(webui, txt2img, decoder_inputs, fresh_plain):
     """A non-latent upscaler decodes the first pass inside p.sample: that decode is tiled as well."""
     tiny_tiles = {"scalefusion_decode_tile": 16}
