@@ -16,12 +16,15 @@ def test_demo_rejects_an_unknown_sampler(capsys):
 
 def test_benchmark_reports_every_ratio(tmp_path, capsys):
     out_file = tmp_path / "bench.json"
-    assert benchmark.main(["--model-size", "tiny", "--spec", "sd1:256:64", "--rounds", "1", "--json", str(out_file)]) == 0
+    assert benchmark.main(["--model-size", "tiny", "--spec", "sd1:256:64", "--rounds", "1", "--pairs", "2",
+                           "--json", str(out_file)]) == 0
     (result,) = json.loads(out_file.read_text())
     assert result["ndcfg_samples"] == 1.5
-    for key in ("redilation_time", "dispersion_time_vs_precomputed", "dispersion_memory", "ndcfg_time"):
+    for key in ("redilation_time", "redilation_time_rounds", "dispersion_time_vs_precomputed", "dispersion_memory",
+                "ndcfg_time"):
         assert result[key] > 0
-    assert "re-dilation: time vs vanilla" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "re-dilation: time vs vanilla (median of 2 ABBA pairs)" in out and "ABBA pairs: " in out
 
 
 def test_benchmark_precomputed_comparator_matches_the_engine_and_removes_itself():
