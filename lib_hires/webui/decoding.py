@@ -77,11 +77,11 @@ def tile_for(sd_model, latent: torch.Tensor) -> int | None:
     return tile if max(latent.shape[-2:]) > tile else None
 
 
-def decode(p, latents: torch.Tensor) -> list[torch.Tensor]:
-    """One ``[3, H, W]`` image in [-1, 1] on the CPU per latent, tiled when the latent is big."""
+def decode(p, latents: torch.Tensor, tile: int | None = None) -> list[torch.Tensor]:
+    """One ``[3, H, W]`` image in [-1, 1] on the CPU per latent, in tiles of ``tile`` (default: ``tile_for``)."""
     from modules import devices, processing
 
-    tile = tile_for(p.sd_model, latents)
+    tile = tile or tile_for(p.sd_model, latents)
     if tile is None:
         return list(processing.decode_latent_batch(p.sd_model, latents, target_device=devices.cpu, check_for_nans=True))
 
@@ -101,8 +101,9 @@ def post_sample(p, ps) -> None:
     samples = ps.samples
     if getattr(samples, "already_decoded", False) or not isinstance(samples, torch.Tensor):
         return
-    if tile_for(p.sd_model, samples) is not None:
-        ps.samples = processing.DecodedSamples(decode(p, samples))
+    tile = tile_for(p.sd_model, samples)
+    if tile is not None:
+        ps.samples = processing.DecodedSamples(decode(p, samples, tile))
 
 
 class LargeOutputGuard:
@@ -129,9 +130,11 @@ class LargeOutputGuard:
         return self._set_preview()
 
     def _decode(self, z, *args, **kwargs):
-        if self.in_step and isinstance(z, torch.Tensor) and z.dim() == 4:
+        if not (isinstance(z, torch.Tensor) and z.dim() == 4):
+            return self._decode_first_stage(z, *args, **kwargs)
+        if self.in_step:
             z = shrink_latent(z)
-        tile = self.choose(self.sd_model, z) if isinstance(z, torch.Tensor) and z.dim() == 4 else None
+        tile = self.choose(self.sd_model, z)
         if tile is None:
             return self._decode_first_stage(z, *args, **kwargs)
         return tiled_decode(lambda part: self._decode_first_stage(part, *args, **kwargs), z, tile=tile,
