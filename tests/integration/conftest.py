@@ -4,7 +4,9 @@ Run with the WebUI's own interpreter (it carries ldm, sgm, the LoRA extension an
 
     WEBUI_DIR=/path/to/stable-diffusion-webui /path/to/stable-diffusion-webui/venv/bin/python -m pytest tests/integration
 
-The WebUI needs the tiny checkpoints and LoRAs of ../shared/fixtures/webui/models in its models folder.
+The WebUI needs the tiny checkpoints and LoRAs of ../shared/fixtures/webui/models in its models folder, and this
+checkout in its extensions folder. ``WEBUI_DATA_DIR`` (optional) is passed as ``--data-dir``: a folder with its own
+``models/`` and ``extensions/``, so several checkouts can each be tested against one WebUI install.
 """
 import base64
 import io
@@ -18,6 +20,8 @@ import numpy as np
 import pytest
 
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
+WEBUI_DATA_DIR = os.environ.get("WEBUI_DATA_DIR")
+REPO = Path(__file__).resolve().parents[2]
 FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
          "--use-cpu", "all", "--no-half", "--precision", "full", "--disable-safe-unpickle",
          "--skip-load-model-at-start", "--opt-sdp-attention"]
@@ -37,7 +41,8 @@ def webui():
     root = Path(WEBUI_DIR).resolve()
     if not (root / "modules" / "processing.py").exists():
         pytest.fail(f"WEBUI_DIR={WEBUI_DIR} is not a stable-diffusion-webui checkout")
-    checkpoint = root / "models" / "Stable-diffusion" / "tiny-sd1.safetensors"
+    data = Path(WEBUI_DATA_DIR).resolve() if WEBUI_DATA_DIR else root
+    checkpoint = data / "models" / "Stable-diffusion" / "tiny-sd1.safetensors"
     if not checkpoint.exists():
         pytest.skip(f"{checkpoint} is missing: link ../shared/fixtures/webui/models into the WebUI")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +50,8 @@ def webui():
     os.chdir(root)  # the tiny yamls name their tokenizers relative to the WebUI root
     sys.path.insert(0, str(root))
     saved_argv = sys.argv
-    sys.argv = [str(root / "webui.py"), *FLAGS, "--ckpt", str(checkpoint)]
+    data_flags = ["--data-dir", str(data)] if WEBUI_DATA_DIR else []
+    sys.argv = [str(root / "webui.py"), *FLAGS, *data_flags, "--ckpt", str(checkpoint)]
     try:
         try:
             from modules import initialize
@@ -58,11 +64,22 @@ def webui():
     finally:
         sys.argv = saved_argv
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _check_this_checkout_is_loaded()
     from modules import sd_hijack, sd_models, shared
     sd_models.load_model()
     if sd_hijack.current_optimizer is None:
         sd_hijack.apply_optimizations()
     return shared
+
+
+def _check_this_checkout_is_loaded():
+    """The WebUI must run this checkout's code, not another copy of the extension."""
+    from modules import extensions
+    extensions.list_extensions()
+    paths = [Path(e.path).resolve() for e in extensions.extensions if (Path(e.path) / "lib_hires").is_dir()]
+    if REPO not in paths:
+        pytest.fail(f"the WebUI's extensions folder does not hold this checkout ({REPO}); it has {paths}: "
+                    "link it there (or use WEBUI_DATA_DIR with an extensions/ folder that links it)")
 
 
 @pytest.fixture
