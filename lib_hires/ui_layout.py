@@ -28,6 +28,8 @@ ACCORDION_HINTS = {
           "(DemoFusion), for the current Width/Height and model",
 }
 LABELS = {ADVANCED: "Advanced", PLAN: "Plan"}
+SLIDER_LIMIT = 2048     # the WebUI's Width/Height maximum
+RAISED_LIMIT = 4096     # while the extension is on
 
 
 @dataclass(frozen=True)

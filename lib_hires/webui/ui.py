@@ -13,8 +13,7 @@ from lib_hires.settings import FIELDS, TITLE, Field, ScaleFusionSettings, Settin
 
 from modules.ui_components import FormHTML, InputAccordion
 
-SLIDER_LIMIT = 2048     # the WebUI's Width/Height maximum
-RAISED_LIMIT = 4096
+SLIDER_LIMIT, RAISED_LIMIT = ui_layout.SLIDER_LIMIT, ui_layout.RAISED_LIMIT
 
 
 @dataclass
@@ -62,7 +61,7 @@ def build(defaults: ScaleFusionSettings, elem_id: Callable[[str], str]) -> Accor
     def rows(section):
         for row in ui_layout.rows(section):
             shown = row.method in (None, defaults.method)
-            with gr.Row(elem_id=elem_id(row.elem_suffix), visible=shown) as container:
+            with gr.Row(elem_id=elem_id(row.elem_suffix), elem_classes=["scalefusion-row"], visible=shown) as container:
                 for f in row.fields:
                     acc.by_name[f.name] = _component(f, getattr(defaults, f.name), elem_id,
                                                      f.method in (None, defaults.method))
