@@ -143,8 +143,8 @@ class Page:
     def choose(self, suffix, choice):
         self.el(suffix).get_by_text(choice, exact=True).click()
 
-    def value(self, f):
-        box = self.el(ui_layout.elem_suffix(f))
+    def value(self, f, elem_id=None):
+        box = self.page.locator(f"#{elem_id}") if elem_id else self.el(ui_layout.elem_suffix(f))
         if f.name == "enabled":
             return self.enabled_box().is_checked()
         if f.kind == "bool":
@@ -281,6 +281,27 @@ def test_paste_back_fills_the_accordion(ui, settings):
     ui.paste("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512")
     ui.page.wait_for_function(f"() => !document.getElementById('{ID}{ui_layout.ENABLE}-visible-checkbox').checked",
                               timeout=30_000)
+    assert not ui.our_errors(), ui.our_errors()
+
+
+def test_settings_page_holds_a_default_for_every_setting(ui, server):
+    """Settings -> ScaleFusion: one option per setting (but "enabled"), showing the saved value or the default."""
+    import json
+    data = Path(WEBUI_DATA_DIR).resolve() if WEBUI_DATA_DIR else Path(WEBUI_DIR).resolve()
+    config = data / "config.json"
+    saved = json.loads(config.read_text()) if config.exists() else {}
+    ui.page.locator("#tabs > .tab-nav button", has_text="Settings").click()
+    ui.page.locator("#settings .tab-nav button", has_text="ScaleFusion").click()
+    section = ui.page.locator("#settings_scalefusion")
+    section.wait_for(state="visible", timeout=30_000)
+    for f in FIELDS[1:]:
+        key = f"scalefusion_default_{f.name}"
+        expected = saved.get(key, f.to_ui(f.default))
+        assert ui.value(f, elem_id=f"setting_{key}") == expected, key
+    out = os.environ.get("SCREENSHOT_DIR")
+    if out:
+        size = _save_png(section.screenshot(), Path(out) / "settings.png")
+        assert size < MAX_SCREENSHOT_BYTES, size
     assert not ui.our_errors(), ui.our_errors()
 
 
