@@ -61,7 +61,8 @@ def build(defaults: ScaleFusionSettings, elem_id: Callable[[str], str]) -> Accor
     def rows(section):
         for row in ui_layout.rows(section):
             shown = row.method in (None, defaults.method)
-            with gr.Row(elem_id=elem_id(row.elem_suffix), elem_classes=["scalefusion-row"], visible=shown) as container:
+            with gr.Row(elem_id=elem_id(row.elem_suffix), elem_classes=["scalefusion-row"],
+                        visible=shown) as container:
                 for f in row.fields:
                     acc.by_name[f.name] = _component(f, getattr(defaults, f.name), elem_id,
                                                      f.method in (None, defaults.method))
