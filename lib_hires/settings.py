@@ -39,6 +39,11 @@ class Field:
     low_open: bool = False
     step: float | None = None       # UI slider step
     help: str = ""
+    # Place in the accordion (lib_hires/ui_layout.py): the first rows, or the closed "Advanced" accordion;
+    # fields with the same place and row sit side by side in FIELDS order, a field without a row gets a row
+    # of its own after the numbered ones. A new field lands in Advanced unless it says otherwise.
+    advanced: bool = True
+    row: int | None = None
 
     def allowed(self) -> str:
         if self.kind == "bool":
@@ -118,64 +123,53 @@ FIELDS: tuple[Field, ...] = (
           help="turn the extension on for this generation"),
     Field("method", "Method", TITLE, "choice", SC, choices=METHODS,
           help="ScaleCrafter: one pass at the full size with re-dilated convolutions; DemoFusion: progressive "
-               "upscaling from the set size, with local views and dilated global sampling"),
+               "upscaling from the set size, with local views and dilated global sampling", advanced=False, row=0),
     Field("native_size", "Native size (px, 0 = from the model)", "ScaleFusion native size", "int", None, 128, 2048,
           auto="auto", step=64,
           help="the resolution the checkpoint was trained at: sizes are planned relative to it (SD1 512, SD2 512 or "
-               "768, SDXL 1024); set it for fine-tunes trained at another size"),
+               "768, SDXL 1024); set it for fine-tunes trained at another size", row=0),
     # ScaleCrafter
     Field("dilation_multiplier", "Dilation multiplier", "ScaleCrafter multiplier", "float", 1.0,
           *MULTIPLIER_RANGE, method=SC, step=0.05,
-          help="multiplies every dilation factor of the preset; a layer at or below 1 stays vanilla"),
+          help="multiplies every dilation factor of the preset; a layer at or below 1 stays vanilla",
+          advanced=False, row=0),
     Field("stop_at", "Stop at (0 = preset)", "ScaleCrafter stop at", "float", None, 0.0, 1.0, method=SC,
           auto="preset", low_open=True, step=0.01,
-          help="fraction of the noise schedule after which every convolution is vanilla again"),
+          help="fraction of the noise schedule after which every convolution is vanilla again", row=0),
     Field("noise_damped_cfg", "Noise-damped CFG", "ScaleCrafter noise-damped CFG", "choice", "auto",
           choices=NDCFG_MODES, method=SC,
-          help="auto: where the preset uses it (large sizes); on: always; off: plain CFG"),
+          help="auto: where the preset uses it (large sizes); on: always; off: plain CFG", advanced=False, row=1),
     Field("dispersion", "Dispersion (5x5 kernels)", "ScaleCrafter dispersion", "bool", False, method=SC,
-          help="dispersed 5x5 kernels on the official dispersion layers while they are dilated"),
+          help="dispersed 5x5 kernels on the official dispersion layers while they are dilated", advanced=False, row=1),
     Field("passes", "With Hires. fix, apply to", "ScaleCrafter passes", "choice", "both", choices=PASSES,
-          method=SC, help="which pass gets ScaleCrafter when Hires. fix is on; each pass gets its own plan"),
+          method=SC, help="which pass gets ScaleCrafter when Hires. fix is on; each pass gets its own plan",
+          advanced=False, row=1),
     # DemoFusion
     Field("scale", "Scale", "DemoFusion scale", "float", 2.0, *SCALE_RANGE, method=DF, step=0.05,
-          help="final size = Width/Height x scale; Width/Height are the first stage"),
+          help="final size = Width/Height x scale; Width/Height are the first stage", advanced=False, row=0),
     Field("stride", "Stride (latent px, 0 = window/2)", "DemoFusion stride", "int", None, 8, 256, method=DF,
-          auto="auto", step=8, help="distance between local views; must not exceed the model's window"),
+          auto="auto", step=8, help="distance between local views; must not exceed the model's window", row=0),
     Field("view_batch", "View batch", "DemoFusion view batch", "int", 16, 1, 64, method=DF, step=1,
-          help="views per UNet call (each counts cond + uncond rows)"),
+          help="views per UNet call (each counts cond + uncond rows)", row=0),
     Field("cosine_scale_1", "Cosine scale 1 (skip residual)", "DemoFusion c1", "float", 3.0, 0.0, 10.0, method=DF,
-          step=0.1, help="decay of the skip residual; lower keeps closer to the previous stage"),
+          step=0.1, help="decay of the skip residual; lower keeps closer to the previous stage", row=1),
     Field("cosine_scale_2", "Cosine scale 2 (dilated sampling)", "DemoFusion c2", "float", 1.0, 0.0, 10.0,
-          method=DF, step=0.1, help="decay of the dilated global path; lower: less repetition, more grain"),
+          method=DF, step=0.1, help="decay of the dilated global path; lower: less repetition, more grain", row=1),
     Field("cosine_scale_3", "Cosine scale 3 (Gaussian blur)", "DemoFusion c3", "float", 1.0, 0.0, 10.0,
-          method=DF, step=0.1, help="decay of the blur of the global path; lower: less grain, smoother"),
+          method=DF, step=0.1, help="decay of the blur of the global path; lower: less grain, smoother", row=1),
     Field("sigma", "Blur sigma", "DemoFusion sigma", "float", 0.8, 0.01, 2.0, method=DF, step=0.01,
-          help="standard deviation of the Gaussian blur at the start of sampling"),
+          help="standard deviation of the Gaussian blur at the start of sampling", row=2),
     Field("jitter", "Random jitter of views", "DemoFusion jitter", "bool", True, method=DF,
-          help="shift local views randomly every step (reproducibly: the same settings give the same views)"),
+          help="shift local views randomly every step (reproducibly: the same settings give the same views)", row=3),
     Field("save_stages", "Save every stage", "DemoFusion save stages", "bool", False, method=DF,
-          help="also save the image of every intermediate stage"),
+          help="also save the image of every intermediate stage", row=3),
     Field("low_vram", "Low VRAM (same image)", "DemoFusion low VRAM", "bool", False, method=DF,
-          help="one view per UNet call: slower, much less memory, identical result"),
+          help="one view per UNet call: slower, much less memory, identical result", row=3),
     Field("redilation", "ScaleCrafter inside DemoFusion", "DemoFusion re-dilation", "choice", "off",
           choices=DEMOFUSION_REDILATION, method=DF,
-          help="re-dilate the UNet (ScaleCrafter preset) in the first stage and/or the global path"),
+          help="re-dilate the UNet (ScaleCrafter preset) in the first stage and/or the global path", row=2),
 )
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
-
-
-# Rows of the accordion: first the rows shown for every method, then each method's own group.
-UI_ROWS: dict[str | None, tuple[tuple[str, ...], ...]] = {
-    None: (("method", "native_size"),),
-    SC: (("dilation_multiplier", "stop_at"), ("noise_damped_cfg", "passes"), ("dispersion",)),
-    DF: (("scale", "stride", "view_batch"), ("cosine_scale_1", "cosine_scale_2", "cosine_scale_3"),
-         ("sigma", "redilation"), ("jitter", "save_stages", "low_vram")),
-}
-
-
-def ui_rows(method: str | None) -> tuple[tuple[Field, ...], ...]:
-    return tuple(tuple(FIELD_BY_NAME[name] for name in row) for row in UI_ROWS[method])
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from lib_hires.settings import FIELDS, METHODS, ScaleFusionSettings, SettingsError, ui_rows
+from lib_hires.settings import FIELDS, METHODS, ScaleFusionSettings, SettingsError
 from lib_hires.summary import scalecrafter_summary, short_source, size_warnings
 
 NAMES = [f.name for f in FIELDS]
@@ -14,15 +14,6 @@ def test_fields_match_the_dataclass_in_order_and_defaults():
     defaults = ScaleFusionSettings()
     assert [getattr(defaults, f.name) for f in FIELDS] == [f.default for f in FIELDS]
     assert NAMES[:2] == ["enabled", "method"]  # args[0] is the accordion; the dict form replaces it
-
-
-def test_the_accordion_shows_every_field_once_in_its_methods_group():
-    shown = ["enabled"]
-    for method in (None, *METHODS):
-        for row in ui_rows(method):
-            assert all(f.method == method for f in row if f.name != "method")
-            shown += [f.name for f in row]
-    assert sorted(shown) == sorted(NAMES) and len(shown) == len(set(shown))
 
 
 def test_positional_values_in_ui_order():

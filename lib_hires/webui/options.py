@@ -5,7 +5,7 @@ import gradio as gr
 
 from lib_hires.settings import FIELDS, Field, ScaleFusionSettings, SettingsError
 
-from . import decoding
+from . import decoding, ui
 
 SECTION = ("scalefusion", "ScaleFusion")
 
@@ -14,19 +14,10 @@ def option_key(f: Field) -> str:
     return f"scalefusion_default_{f.name}"
 
 
-def _component(f: Field):
-    if f.kind == "bool":
-        return gr.Checkbox, {}
-    if f.kind == "choice":
-        return gr.Radio, {"choices": list(f.choices)}
-    return gr.Slider, {"minimum": 0 if f.auto else f.low, "maximum": f.high,
-                       "step": f.step or (1 if f.kind == "int" else 0.01)}
-
-
 def register(shared) -> None:
     """``script_callbacks.on_ui_settings`` callback."""
     for f in FIELDS[1:]:  # "enabled" stays a per-generation choice
-        component, args = _component(f)
+        component, args = ui.component_for(f)
         label = f"Default: {f.label}" + (f" ({f.method})" if f.method else "")
         shared.opts.add_option(option_key(f), shared.OptionInfo(f.to_ui(f.default), label, component, args,
                                                                 section=SECTION).info(f.help))

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import gradio as gr
 
-from lib_hires.settings import FIELDS, METHODS, Field, ScaleFusionSettings, SettingsError, ui_rows
+from lib_hires import ui_layout
+from lib_hires.settings import FIELDS, TITLE, Field, ScaleFusionSettings, SettingsError
 
 from modules.ui_components import FormHTML, InputAccordion
 
-SLIDER_LIMIT = 2048     # the WebUI's Width/Height maximum
-RAISED_LIMIT = 4096
+SLIDER_LIMIT, RAISED_LIMIT = ui_layout.SLIDER_LIMIT, ui_layout.RAISED_LIMIT
 
 
 @dataclass
@@ -24,40 +25,71 @@ class Accordion:
     size_events: bool = False   # the Width/Height events are connected
 
 
-def _component(f: Field, value, elem_id: Callable[[str], str]):
-    common = dict(label=f.label, value=f.to_ui(value), elem_id=elem_id(f.name), info=f.help)
+def component_for(f: Field) -> tuple[type, dict]:
+    """The gradio class and its arguments for a field (the accordion and the settings page both use it)."""
     if f.kind == "bool":
-        return gr.Checkbox(**common)
+        return gr.Checkbox, {}
     if f.kind == "choice":
-        return gr.Radio(choices=list(f.choices), **common)
-    low = 0 if f.auto else f.low
-    return gr.Slider(minimum=low, maximum=f.high, step=f.step or (1 if f.kind == "int" else 0.01), **common)
+        return gr.Radio, {"choices": list(f.choices)}
+    if f.kind in ("int", "float"):
+        low = 0 if f.auto else f.low
+        if low is not None and f.high is not None and math.isfinite(low) and math.isfinite(f.high):
+            return gr.Slider, {"minimum": low, "maximum": f.high,
+                               "step": f.step or (1 if f.kind == "int" else 0.01)}
+        return gr.Number, {"precision": 0 if f.kind == "int" else None}
+    return gr.Textbox, {"max_lines": 1}
+
+
+def _component(f: Field, value, elem_id: Callable[[str], str], visible: bool):
+    # No ``info`` paragraph: the help is the hover hint (javascript/scalefusion-hints.js), as in the WebUI's own
+    # accordions, which keeps every row one control high.
+    cls, args = component_for(f)
+    return cls(label=f.label, value=f.to_ui(value), elem_id=elem_id(ui_layout.elem_suffix(f)), visible=visible,
+               **args)
 
 
 def build(defaults: ScaleFusionSettings, elem_id: Callable[[str], str]) -> Accordion:
-    """Creates the components inside the current gradio Blocks context (called again by the API: no state)."""
+    """Creates the components inside the current gradio Blocks context (called again by the API: no state).
+
+    The layout comes from ``lib_hires.ui_layout``; every element id is ``elem_id(suffix)`` with a suffix from
+    ``ui_layout.elem_suffixes()``. gradio 3.41 writes an HTML component's elem_id on two nested elements, so
+    the two HTML parts carry none and sit in a column that holds the id.
+    """
     acc = Accordion()
+    method_rows = []
 
-    def rows(method):
-        for row in ui_rows(method):
-            with gr.Row():
-                for f in row:
-                    acc.by_name[f.name] = _component(f, getattr(defaults, f.name), elem_id)
+    def rows(section):
+        for row in ui_layout.rows(section):
+            shown = row.method in (None, defaults.method)
+            with gr.Row(elem_id=elem_id(row.elem_suffix), elem_classes=["scalefusion-row"],
+                        visible=shown) as container:
+                for f in row.fields:
+                    acc.by_name[f.name] = _component(f, getattr(defaults, f.name), elem_id,
+                                                     f.method in (None, defaults.method))
+            if row.method is not None:
+                method_rows.append((row.method, container))
 
-    with InputAccordion(defaults.enabled, label="ScaleFusion", elem_id=elem_id("enable")) as enabled:
+    with InputAccordion(defaults.enabled, label=TITLE, elem_id=elem_id(ui_layout.ENABLE)) as enabled:
         with enabled.extra():
-            acc.header = FormHTML(value="", min_width=0, elem_id=elem_id("header"), elem_classes=["scalefusion-header"])
+            with gr.Column(min_width=0, elem_id=elem_id(ui_layout.HEADER)):
+                acc.header = FormHTML(value="", min_width=0, elem_classes=["scalefusion-header"])
         acc.by_name["enabled"] = enabled
-        rows(None)
-        groups = {}
-        for method in METHODS:
-            with gr.Group(visible=defaults.method == method, elem_id=elem_id(f"{method.lower()}_settings")) as group:
-                groups[method] = group
-                rows(method)
-        acc.details = gr.HTML(value="", elem_id=elem_id("details"), elem_classes=["scalefusion-details"])
+        rows(ui_layout.MAIN)
+        with gr.Accordion(ui_layout.LABELS[ui_layout.ADVANCED], open=False, elem_id=elem_id(ui_layout.ADVANCED)):
+            rows(ui_layout.ADVANCED)
+        with gr.Accordion(ui_layout.LABELS[ui_layout.PLAN], open=False, elem_id=elem_id(ui_layout.PLAN)):
+            with gr.Column(elem_id=elem_id(ui_layout.DETAILS)):
+                acc.details = gr.HTML(value="", elem_classes=["scalefusion-details"])
     acc.components = [acc.by_name[f.name] for f in FIELDS]
-    acc.by_name["method"].change(fn=lambda m: [gr.update(visible=m == method) for method in METHODS],
-                                 inputs=[acc.by_name["method"]], outputs=[groups[m] for m in METHODS],
+
+    method_fields = [f for f in FIELDS if f.method is not None]
+    outputs = [acc.by_name[f.name] for f in method_fields] + [container for _, container in method_rows]
+
+    def show_method(method):
+        return [gr.update(visible=f.method == method) for f in method_fields] + \
+               [gr.update(visible=m == method) for m, _ in method_rows]
+
+    acc.by_name["method"].change(fn=show_method, inputs=[acc.by_name["method"]], outputs=outputs,
                                  show_progress=False)
     for component in acc.components:  # so a new default never hides behind a stale ui-config.json value
         component.do_not_save_to_config = True
