@@ -162,33 +162,53 @@ class StandInCFG(torch.nn.Module):
         return self.inner_model(x, sigma, cond={"c_crossattn": [cond]})
 
 
-def test_stage_patches_apply_the_skip_residual_once_per_step_and_come_off():
+def two_evaluation_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Heun's call order: the step's state, the callback, then a predictor point at the next sigma."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        callback({"x": x, "i": i})
+        d = (x - denoised) / sigmas[i]
+        x_2 = x + d * (sigmas[i + 1] - sigmas[i])
+        d_2 = (x_2 - model(x_2, sigmas[i + 1] * s_in, **extra_args)) / sigmas[i + 1]
+        x = x + (d + d_2) / 2 * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def test_stage_patches_apply_the_skip_residual_at_each_step_start_and_come_off():
+    """The callback fires between a step's two evaluations: the residual goes to the state (the first), never to
+    the predictor point after the callback."""
     from lib_hires.demofusion import DemoFusionSettings, Stage, skip_residual, skip_weight
 
     cfg = StandInCFG()
     callbacks = []
-    sampler = SimpleNamespace(model_wrap_cfg=cfg, callback_state=callbacks.append)
+    sampler = SimpleNamespace(model_wrap_cfg=cfg, callback_state=callbacks.append, func=two_evaluation_sampler)
     p = SimpleNamespace(sampler=sampler)
     z_up, noise = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 32, 32)
     settings = DemoFusionSettings(window=16, stride=8, jitter=False)
     patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), settings, z_up, noise, None, None, None, lambda: None)
+    seen = []
+
+    def model(x, sigma, **kwargs):
+        before = x.clone()
+        out = cfg(x, sigma, **kwargs)
+        seen.append((before, x.clone(), float(sigma[0])))
+        return out
+
     x = torch.randn(1, 4, 32, 32)
-    expected = skip_residual(x.clone(), z_up, noise, torch.tensor([3.0]), skip_weight(torch.tensor([500.0]), 3.0))
-    cond = torch.randn(1, 7, 8)
-    cfg(x, torch.tensor([3.0]), cond=cond)
-    assert torch.allclose(x, expected)                  # written into the sampler's own state
-    state = x.clone()
-    cfg(x, torch.tensor([2.0]), cond=cond)              # the second evaluation of the same step
-    assert torch.equal(x, state)
-    sampler.callback_state({"i": 0})                    # the step ends: the next evaluation mixes again
-    assert callbacks == [{"i": 0}]
-    cfg(x, torch.tensor([2.0]), cond=cond)
-    assert not torch.equal(x, state)
+    sampler.func(model, x, torch.tensor([3.0, 2.0, 1.0]), extra_args={"cond": torch.randn(1, 7, 8)},
+                 callback=sampler.callback_state)
+    c1 = skip_weight(torch.tensor([500.0]), 3.0)
+    (state_0, seen_0, _), (mid_0, mid_seen_0, sigma_mid), (state_1, seen_1, sigma_1), _ = seen
+    assert torch.allclose(seen_0, skip_residual(state_0, z_up, noise, torch.tensor([3.0]), c1))  # step 1 start
+    assert torch.equal(mid_seen_0, mid_0) and sigma_mid == 2.0   # the predictor point after the callback: untouched
+    assert sigma_1 == 2.0 and torch.allclose(seen_1, skip_residual(state_1, z_up, noise, torch.tensor([2.0]), c1))
+    assert [d["i"] for d in callbacks] == [0, 1] and torch.equal(callbacks[0]["x"], seen_0)  # the sampler's callback
     # every evaluation went through the views: 3x3 local views + 2x2 dilated samples of 16x16, one call each
-    assert cfg.inner_model.calls == 3 and cfg.inner_model.last_shape == (13, 4, 16, 16)
+    assert cfg.inner_model.calls == 4 and cfg.inner_model.last_shape == (13, 4, 16, 16)
     patches.remove()
     assert "forward" not in vars(cfg) and "forward" not in vars(cfg.inner_model)
-    assert sampler.callback_state == callbacks.append  # the sampler's own callback is back
+    assert sampler.func is two_evaluation_sampler  # the sampler's own function is back
 
 
 def test_stage_patches_stop_at_an_interrupt():
@@ -201,7 +221,8 @@ def test_stage_patches_stop_at_an_interrupt():
         raise Interrupted
 
     cfg = StandInCFG()
-    p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None))
+    p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None,
+                                                func=two_evaluation_sampler))
     z = torch.zeros(1, 4, 32, 32)
     patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), DemoFusionSettings(window=16, stride=8, jitter=False),
                             z, z, None, None, None, interrupt)

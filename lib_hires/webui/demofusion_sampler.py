@@ -7,9 +7,11 @@ for every extension, and samples with ``sample_img2img`` from ``z' + sigma_0 noi
 patches on that sampler carry the algorithm, so the ``CFGDenoiser`` still runs once per step (prompt
 editing, previews, ``last_latent``, ControlNet's step gating stay right):
 
+* ``sampler.func``: the sampler function, probed with the very arguments the WebUI passes for which of
+  its evaluations start a step (``lib_hires/demofusion/step_starts.py``), then run with a callback
+  that checks each reported state carries the residual;
 * ``CFGDenoiser.forward``: the skip residual, written into the sampler's state ``x`` in place at the
-  first evaluation of each step (k-diffusion samplers keep using that tensor after the model call);
-* ``callback_state``: marks step boundaries for that;
+  evaluations that start a step (the sampler keeps using that tensor after the model call);
 * ``inner_model.forward``: the :class:`~lib_hires.demofusion.FusedDenoiser` (local views and the
   dilated path), which sees every cond and uncond row, plus SDXL crops and ControlNet hints per call.
 
@@ -18,8 +20,12 @@ After each stage every image is re-standardised to its stage-1 latent's mean and
 """
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 
+from lib_hires.demofusion.step_starts import StepStarts, UnsupportedSampler, probe, tracked_call
 from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, plan_stages, repeat_rows,
                                   restandardize, row_stats, skip_residual, skip_weight, upsample_latent)
 from lib_hires.settings import TITLE, ScaleFusionSettings
@@ -60,37 +66,65 @@ def unsupported_reason(p) -> str | None:
     return None
 
 
+def sampler_reason(p) -> str | None:
+    """Why the job's sampler cannot carry the skip residual at every step start, or None: its step structure,
+    probed on a tiny tensor with a generic schedule of the job's step count (the stage run probes again with the
+    real one)."""
+    from modules import sd_samplers
+
+    func = getattr(sd_samplers.create_sampler(p.sampler_name, p.sd_model), "func", None)
+    if func is None:
+        return f"{TITLE}: DemoFusion cannot drive the sampler {p.sampler_name}: it has no sampling function to follow"
+    steps = max(int(getattr(p, "steps", 20) or 20), 2)
+    sigmas = torch.cat([torch.exp(torch.linspace(math.log(14.6), math.log(0.03), steps)), torch.zeros(1)])
+    parameters = inspect.signature(func).parameters
+    kwargs = {name: value for name, value in (("sigmas", sigmas), ("sigma_min", 0.03), ("sigma_max", 14.6),
+                                              ("n", steps)) if name in parameters}
+    try:
+        probe(func, None, torch.zeros(1, 4, 8, 8), callback=None, **kwargs)
+    except UnsupportedSampler as error:
+        return f"{TITLE}: DemoFusion cannot put its skip residual at each step start of {p.sampler_name} ({error})"
+    return None
+
+
 class StageSampling:
     """The instance patches of one later stage on ``p.sampler``; ``remove()`` undoes them."""
 
     def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator | None,
-                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt):
+                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt,
+                 sampler_name: str | None = None):
         self.sampler = p.sampler
         self.cfg = p.sampler.model_wrap_cfg
         self.inner = self.cfg.inner_model
         self.z_up, self.noise = z_up, noise
         self.cosine_scale_1 = settings.cosine_scale_1
-        self.pending = True  # the next CFG evaluation starts a step
+        self.steps: StepStarts | None = None  # the step starts of the sampler run in progress
         self.call = None     # the model call view_cond serves (before_call sees it first)
         self.size_cond, self.hints, self.check_interrupt = size_cond, hints, check_interrupt
         self.fused = FusedDenoiser.from_settings(self.inner.forward, settings, dilation=stage.dilation,
                                                  sigma_to_t=self.inner.sigma_to_t, jitter=jitter,
                                                  view_cond=self._view_cond, before_call=self._before_call)
-        self._cfg_forward, self._callback = self.cfg.forward, self.sampler.callback_state
+        self._cfg_forward, self._func = self.cfg.forward, self.sampler.func
+        self.sampler_name = sampler_name or getattr(self._func, "__name__", "the sampler")
         self.patches = [InstancePatch(self.cfg, "forward", self._forward),
-                        InstancePatch(self.sampler, "callback_state", self._callback_state),
+                        InstancePatch(self.sampler, "func", self._run),
                         InstancePatch(self.inner, "forward", self.fused)]
 
+    def _run(self, *args, **kwargs):
+        """The sampler function itself: probed for its step starts with these very arguments, then run."""
+        self.steps, args, kwargs = tracked_call(
+            self._func, lambda pattern, x: StepStarts(pattern, x, self.sampler_name), *args, **kwargs)
+        try:
+            return self._func(*args, **kwargs)
+        finally:
+            self.steps = None
+
     def _forward(self, x, sigma, **kwargs):
-        if self.pending:
-            self.pending = False
+        if self.steps is not None and self.steps.is_start(x):
             c1 = skip_weight(self.inner.sigma_to_t(sigma), self.cosine_scale_1)
             x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
+            self.steps.applied(x)
         return self._cfg_forward(x, sigma, **kwargs)
-
-    def _callback_state(self, d):
-        self.pending = True
-        return self._callback(d)
 
     def _before_call(self, call) -> None:
         self.call = call
@@ -226,7 +260,8 @@ class DemoFusionRun:
             hints.set_stage(stage.latent_size)
         if p.scripts is not None:
             p.scripts.process_before_every_sampling(p=p, x=z_up, noise=noise, c=c, uc=uc)
-        patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._check_interrupt)
+        patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._check_interrupt,
+                                sampler_name=p.sampler_name)
         strength = p.denoising_strength
         try:
             if self.is_img2img:  # the user's denoising strength, as in img2img and the hires pass
