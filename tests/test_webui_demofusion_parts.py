@@ -243,3 +243,52 @@ def test_final_size_conditioning_patch():
     assert seen == [{"edited": True}] and edited == [{"vector": 1}]
     patch.remove()
     assert vars(inner)["forward"] is not patch and inner(torch.ones(1), torch.zeros(1), cond={}) == 1  # the old patch is back
+
+
+def test_unclip_img2img_and_a_switching_refiner_are_refused():
+    unclip = SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn-adm"))
+    reason = unsupported_reason(SimpleNamespace(sd_model=unclip, enable_hr=False, init_images=[object()]))
+    assert "img2img does not support unCLIP" in reason
+    assert unsupported_reason(SimpleNamespace(sd_model=unclip, enable_hr=False)) is None  # txt2img: as the WebUI's
+    base, refiner = object(), object()
+    model = SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn"), sd_checkpoint_info=base)
+
+    def job(info, switch_at):
+        return SimpleNamespace(sd_model=model, enable_hr=False, refiner_checkpoint_info=info,
+                               refiner_switch_at=switch_at)
+
+    for switch_at in (0.5, None, 0.0):  # None: apply_refiner switches at once
+        assert "does not support the refiner" in unsupported_reason(job(refiner, switch_at))
+    assert unsupported_reason(job(refiner, 1.0)) is None   # never switches
+    assert unsupported_reason(job(base, 0.5)) is None      # the refiner is the model already: no switch
+    assert unsupported_reason(job(None, 0.5)) is None
+
+
+def test_img2img_stage_noise_follows_the_initial_noise_multiplier():
+    from lib_hires.webui.demofusion_sampler import img2img_noise
+
+    noise = torch.randn(1, 4, 8, 8)
+    p = SimpleNamespace(initial_noise_multiplier=0.7, extra_generation_params={})
+    assert torch.equal(img2img_noise(p, noise), noise * 0.7)
+    assert p.extra_generation_params == {"Noise multiplier": 0.7}  # the key and value img2img's sample writes
+    default = SimpleNamespace(initial_noise_multiplier=1.0, extra_generation_params={})
+    assert img2img_noise(default, noise) is noise and default.extra_generation_params == {}
+
+
+def test_the_patched_sampler_function_keeps_its_signature():
+    """The WebUI chooses what it passes (sigmas, or sigma_min/sigma_max/n, noise_sampler...) from
+    inspect.signature(sampler.func)."""
+    import inspect
+
+    from lib_hires.demofusion import DemoFusionSettings, Stage
+
+    cfg = StandInCFG()
+    sampler = SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None, func=two_evaluation_sampler)
+    z = torch.zeros(1, 4, 32, 32)
+    patches = StageSampling(SimpleNamespace(sampler=sampler), Stage(2, 2.0, 256, 256, 2),
+                            DemoFusionSettings(window=16, stride=8, jitter=False), z, z, None, None, None, lambda: None)
+    try:
+        assert sampler.func is not two_evaluation_sampler
+        assert inspect.signature(sampler.func) == inspect.signature(two_evaluation_sampler)
+    finally:
+        patches.remove()

@@ -20,6 +20,7 @@ After each stage every image is re-standardised to its stage-1 latent's mean and
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -63,7 +64,25 @@ def unsupported_reason(p) -> str | None:
         return f"{TITLE}: DemoFusion does not support inpainting, depth or instruct-pix2pix checkpoints"
     if getattr(p, "image_mask", None) is not None:
         return f"{TITLE}: DemoFusion upscales whole images; inpainting masks are not supported"
+    if getattr(model.model, "conditioning_key", None) == "crossattn-adm" and getattr(p, "init_images", None):
+        return (f"{TITLE}: DemoFusion img2img does not support unCLIP checkpoints: its later stages would sample "
+                "without the input image's embedding")
+    if _refiner_switches(p):
+        return (f"{TITLE}: DemoFusion does not support the refiner: the WebUI would switch models inside stage 1, "
+                "and the later stages would sample the refiner with the base model's conditioning; turn the refiner "
+                "off (or set Switch at to 1)")
     return None
+
+
+def _refiner_switches(p) -> bool:
+    """As ``sd_samplers_common.apply_refiner`` decides: a switch at None switches at once, at >= 1 never."""
+    info = getattr(p, "refiner_checkpoint_info", None)
+    if info is None:
+        return False
+    switch_at = getattr(p, "refiner_switch_at", None)
+    if switch_at is not None and switch_at >= 1:
+        return False
+    return getattr(p.sd_model, "sd_checkpoint_info", None) != info
 
 
 def sampler_reason(p) -> str | None:
@@ -107,11 +126,13 @@ class StageSampling:
         self._cfg_forward, self._func = self.cfg.forward, self.sampler.func
         self.sampler_name = sampler_name or getattr(self._func, "__name__", "the sampler")
         self.patches = [InstancePatch(self.cfg, "forward", self._forward),
-                        InstancePatch(self.sampler, "func", self._run),
+                        InstancePatch(self.sampler, "func", functools.wraps(self._func)(
+                            lambda *args, **kwargs: self._run(*args, **kwargs))),
                         InstancePatch(self.inner, "forward", self.fused)]
 
     def _run(self, *args, **kwargs):
-        """The sampler function itself: probed for its step starts with these very arguments, then run."""
+        """The sampler function itself: probed for its step starts with these very arguments, then run. It keeps
+        the function's signature (``functools.wraps``): the WebUI picks the arguments it passes from it."""
         self.steps, args, kwargs = tracked_call(
             self._func, lambda pattern, x: StepStarts(pattern, x, self.sampler_name), *args, **kwargs)
         try:
@@ -141,6 +162,16 @@ class StageSampling:
     def remove(self) -> None:
         for patch in reversed(self.patches):
             patch.remove()
+
+
+def img2img_noise(p, noise):
+    """img2img's own ``sample`` scales its noise by ``initial_noise_multiplier`` and records it: every later stage
+    does the same (the start state and the skip residual's ``z' + sigma noise`` use the scaled noise)."""
+    multiplier = getattr(p, "initial_noise_multiplier", None)
+    if multiplier is None or multiplier == 1.0:
+        return noise
+    p.extra_generation_params["Noise multiplier"] = multiplier
+    return noise * multiplier
 
 
 class FinalSizeConditioning:
@@ -253,7 +284,7 @@ class DemoFusionRun:
         z_up = upsample_latent(z, stage.latent_size)
         p.rng = rng.ImageRNG(z_up.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
                              seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
-        noise = p.rng.next()
+        noise = img2img_noise(p, p.rng.next()) if self.is_img2img else p.rng.next()
         p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
         image_conditioning = p.txt2img_image_conditioning(z_up, stage.width, stage.height)
         if hints is not None:

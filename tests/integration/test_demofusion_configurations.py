@@ -1,0 +1,65 @@
+"""DemoFusion in the real WebUI outside the default path: multi-evaluation samplers, the refiner, img2img's noise
+multiplier and unCLIP."""
+import numpy as np
+import pytest
+
+from tests.integration.conftest import gradient_png
+from tests.integration.test_api_demofusion import demofusion
+from tests.integration.test_api_scalecrafter import assert_clean
+
+pytestmark = pytest.mark.usefixtures("fresh_plain")
+
+
+def test_with_the_residual_at_full_weight_every_sampler_stays_on_stage_1(monkeypatch, txt2img):
+    """cosine_scale_1 = 0 gives c1 = 1: every step must start from z' + sigma eps (z' the upsampled stage 1), so the
+    stage ends next to z', for multi-evaluation samplers as close as for Euler. A residual landing on a predictor
+    point leaves the state unanchored and the stage drifts from z'. Measured in latent space (the tiny random VAE
+    does not map an upsampled latent to an upsampled image)."""
+    from lib_hires.demofusion import upsample_latent
+    from lib_hires.webui import demofusion_sampler as dfs
+
+    sample, seen = dfs.DemoFusionRun._sample_stage, {}
+
+    def spy(self, stage, z, *args):
+        out = sample(self, stage, z, *args)
+        seen["z_up"], seen["out"] = upsample_latent(z, stage.latent_size), out.clone()
+        return out
+
+    monkeypatch.setattr(dfs.DemoFusionRun, "_sample_stage", spy)
+    distances = {}
+    for name, steps in (("Euler", 8), ("Heun", 8), ("DPM++ SDE", 8), ("DPM2", 8), ("DPM++ 2S a", 8),
+                        ("Restart", 8), ("Restart", 20)):  # 20 steps: with Restart's jumps back up
+        result = txt2img(sampler_name=name, steps=steps, width=128, height=128,
+                         alwayson_scripts=demofusion(scale=2, cosine_scale_1=0.0))
+        assert result.status == 200 and result.size == (256, 256), result.json
+        z_up, out = seen.pop("z_up"), seen.pop("out")
+        distances[f"{name} {steps}"] = float((out - z_up).abs().mean() / z_up.abs().mean())
+    print("mean |stage 2 - z'| / mean |z'| per sampler:", distances)
+    for name, distance in distances.items():
+        assert distance <= 2 * distances["Euler 8"] + 0.01, distances
+
+
+def test_the_refiner_is_refused_clearly(webui, txt2img, fresh_plain, perturbed_checkpoint):
+    result = txt2img(refiner_checkpoint=perturbed_checkpoint, refiner_switch_at=0.5,
+                     alwayson_scripts=demofusion(scale=2))
+    assert result.status == 422 and "DemoFusion does not support the refiner" in result.json["detail"], result.json
+    assert webui.sd_model.sd_checkpoint_info.name_for_extra == "tiny-sd1"  # nothing was switched
+    assert_clean(webui, txt2img, fresh_plain)
+    never = txt2img(refiner_checkpoint=perturbed_checkpoint, refiner_switch_at=1.0, width=128, height=128,
+                    alwayson_scripts=demofusion(scale=2))
+    assert never.status == 200 and never.size == (256, 256)  # a refiner that never switches changes nothing
+    assert_clean(webui, txt2img, fresh_plain)
+
+
+def test_img2img_honours_the_initial_noise_multiplier(webui, img2img, txt2img, fresh_plain):
+    common = dict(init_images=[gradient_png(128)], width=128, height=128, denoising_strength=0.6,
+                  alwayson_scripts=demofusion(scale=2))
+    default = img2img(**common)
+    scaled = img2img(**common, initial_noise_multiplier=0.7)
+    assert default.status == 200 and scaled.status == 200, scaled.json
+    assert "Noise multiplier" not in default.params()
+    assert scaled.params()["Noise multiplier"] == "0.7"
+    assert not np.array_equal(default.image, scaled.image)
+    again = img2img(**common, initial_noise_multiplier=0.7)
+    assert np.array_equal(again.image, scaled.image)
+    assert_clean(webui, txt2img, fresh_plain)
