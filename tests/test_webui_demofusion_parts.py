@@ -245,7 +245,9 @@ def test_final_size_conditioning_patch():
     assert vars(inner)["forward"] is not patch and inner(torch.ones(1), torch.zeros(1), cond={}) == 1  # the old patch is back
 
 
-def test_unclip_img2img_and_a_switching_refiner_are_refused():
+def test_unclip_img2img_and_a_refiner_with_global_redilation_are_refused():
+    from lib_hires.webui.demofusion_sampler import refiner_reason
+
     unclip = SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn-adm"))
     reason = unsupported_reason(SimpleNamespace(sd_model=unclip, enable_hr=False, init_images=[object()]))
     assert "img2img does not support unCLIP" in reason
@@ -257,11 +259,14 @@ def test_unclip_img2img_and_a_switching_refiner_are_refused():
         return SimpleNamespace(sd_model=model, enable_hr=False, refiner_checkpoint_info=info,
                                refiner_switch_at=switch_at)
 
+    redilated = ScaleFusionSettings(enabled=True, method="DemoFusion", redilation="global path")
     for switch_at in (0.5, None, 0.0):  # None: apply_refiner switches at once
-        assert "does not support the refiner" in unsupported_reason(job(refiner, switch_at))
-    assert unsupported_reason(job(refiner, 1.0)) is None   # never switches
-    assert unsupported_reason(job(base, 0.5)) is None      # the refiner is the model already: no switch
-    assert unsupported_reason(job(None, 0.5)) is None
+        assert unsupported_reason(job(refiner, switch_at)) is None  # the refiner takes over in the final stage
+        assert "cannot follow the refiner" in refiner_reason(job(refiner, switch_at), redilated)
+        assert refiner_reason(job(refiner, switch_at), redilated.replace(redilation="first stage")) is None
+    assert refiner_reason(job(refiner, 1.0), redilated) is None   # never switches
+    assert refiner_reason(job(base, 0.5), redilated) is None      # the refiner is the model already: no switch
+    assert refiner_reason(job(None, 0.5), redilated) is None
 
 
 def test_img2img_stage_noise_follows_the_initial_noise_multiplier():
@@ -292,3 +297,62 @@ def test_the_patched_sampler_function_keeps_its_signature():
         assert inspect.signature(sampler.func) == inspect.signature(two_evaluation_sampler)
     finally:
         patches.remove()
+
+
+def test_the_refiner_takes_over_in_the_final_stage_with_its_own_conds_and_views(monkeypatch):
+    """Fakes of the WebUI's switch (apply_refiner: load, rebuild the conds into sampler_extra_args, drop the inner
+    model): the stage patches make it happen before the CFG call, move the views to the refiner's inner model and
+    hand that call the refiner's conds."""
+    import sys
+    import types
+
+    from lib_hires.demofusion import DemoFusionSettings, Stage
+    from lib_hires.webui.demofusion_refiner import RefinerHold, RefinerSwitch
+
+    class SwitchingCFG(StandInCFG):
+        def __init__(self):
+            super().__init__()
+            self.conds_seen = []
+
+        def forward(self, x, sigma, cond=None, uncond=None):
+            self.conds_seen.append(cond)
+            return self.inner_model(x, sigma, cond={"c_crossattn": [cond]})
+
+    cfg = SwitchingCFG()
+    base_inner, refiner_inner = cfg.inner_model, StandInInner()
+    refiner_cond = torch.full((1, 7, 8), 2.0)
+    sampler = SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None, func=two_evaluation_sampler,
+                              sampler_extra_args={})
+    switches = []
+
+    def apply_refiner(cfg_denoiser, sigma):
+        if float(sigma[0]) > 2.5 or switches:
+            return False
+        switches.append(float(sigma[0]))
+        cfg_denoiser.inner_model = refiner_inner
+        sampler.sampler_extra_args.update(cond=refiner_cond, uncond=refiner_cond)
+        return True
+
+    fake = types.ModuleType("modules.sd_samplers_common")
+    fake.apply_refiner = apply_refiner
+    monkeypatch.setitem(sys.modules, "modules", types.SimpleNamespace(sd_samplers_common=fake))
+    monkeypatch.setitem(sys.modules, "modules.sd_samplers_common", fake)
+
+    p = SimpleNamespace(sampler=sampler, refiner_checkpoint_info="refiner")
+    hold = RefinerHold(p)
+    assert p.refiner_checkpoint_info is None  # earlier stages: apply_refiner never switches
+    assert hold.release() == "refiner" and p.refiner_checkpoint_info == "refiner"
+    z = torch.zeros(1, 4, 32, 32)
+    patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), DemoFusionSettings(window=16, stride=8, jitter=False),
+                            z, z, None, None, None, lambda: None, refiner=RefinerSwitch(cfg))
+    sampler.sampler_extra_args.update(cond=torch.zeros(1, 7, 8))  # the WebUI passes this very dict as extra_args
+    sampler.func(cfg, torch.randn(1, 4, 32, 32), torch.tensor([3.0, 2.0, 1.0]), extra_args=sampler.sampler_extra_args,
+                 callback=lambda d: None)
+    assert switches == [2.0]  # at step 1's predictor point: that very call already runs the refiner
+    assert [c is refiner_cond for c in cfg.conds_seen] == [False, True, True, True]
+    assert base_inner.calls == 1 and refiner_inner.calls == 3           # each evaluation one call through views
+    assert refiner_inner.last_shape == (13, 4, 16, 16)                  # the refiner sees views, not the latent
+    patches.remove()
+    hold.remove()
+    assert "forward" not in vars(base_inner) and "forward" not in vars(refiner_inner)
+    assert p.refiner_checkpoint_info == "refiner"

@@ -33,6 +33,7 @@ from lib_hires.settings import TITLE, ScaleFusionSettings
 
 from . import decoding
 from .controlnet_hints import StageHints, control_params
+from .demofusion_refiner import RefinerHold, RefinerSwitch, refiner_of
 from .instance_patch import InstancePatch
 from .messages import log
 from .model_info import ModelInfo
@@ -67,10 +68,16 @@ def unsupported_reason(p) -> str | None:
     if getattr(model.model, "conditioning_key", None) == "crossattn-adm" and getattr(p, "init_images", None):
         return (f"{TITLE}: DemoFusion img2img does not support unCLIP checkpoints: its later stages would sample "
                 "without the input image's embedding")
-    if _refiner_switches(p):
-        return (f"{TITLE}: DemoFusion does not support the refiner: the WebUI would switch models inside stage 1, "
-                "and the later stages would sample the refiner with the base model's conditioning; turn the refiner "
-                "off (or set Switch at to 1)")
+    return None
+
+
+def refiner_reason(p, settings: ScaleFusionSettings) -> str | None:
+    """The refiner takes over in the final stage (``demofusion_refiner.py``); ScaleCrafter's re-dilation of the
+    global path is armed on the base UNet for the whole stage and would not follow it."""
+    if _refiner_switches(p) and settings.redilation in ("global path", "both"):
+        return (f"{TITLE}: DemoFusion's re-dilation of the global path ({settings.redilation}) cannot follow the "
+                "refiner, which takes over in the final stage; set re-dilation to off or first stage, or turn the "
+                "refiner off")
     return None
 
 
@@ -111,7 +118,8 @@ class StageSampling:
 
     def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator | None,
                  size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt,
-                 sampler_name: str | None = None):
+                 sampler_name: str | None = None, refiner: RefinerSwitch | None = None,
+                 size_cond_for=None):
         self.sampler = p.sampler
         self.cfg = p.sampler.model_wrap_cfg
         self.inner = self.cfg.inner_model
@@ -120,9 +128,11 @@ class StageSampling:
         self.steps: StepStarts | None = None  # the step starts of the sampler run in progress
         self.call = None     # the model call view_cond serves (before_call sees it first)
         self.size_cond, self.hints, self.check_interrupt = size_cond, hints, check_interrupt
-        self.fused = FusedDenoiser.from_settings(self.inner.forward, settings, dilation=stage.dilation,
-                                                 sigma_to_t=self.inner.sigma_to_t, jitter=jitter,
-                                                 view_cond=self._view_cond, before_call=self._before_call)
+        self.refiner, self.size_cond_for = refiner, size_cond_for
+        self.fuse = lambda inner: FusedDenoiser.from_settings(inner.forward, settings, dilation=stage.dilation,
+                                                              sigma_to_t=inner.sigma_to_t, jitter=jitter,
+                                                              view_cond=self._view_cond, before_call=self._before_call)
+        self.fused = self.fuse(self.inner)
         self._cfg_forward, self._func = self.cfg.forward, self.sampler.func
         self.sampler_name = sampler_name or getattr(self._func, "__name__", "the sampler")
         self.patches = [InstancePatch(self.cfg, "forward", self._forward),
@@ -141,11 +151,24 @@ class StageSampling:
             self.steps = None
 
     def _forward(self, x, sigma, **kwargs):
+        if self.refiner is not None and self.refiner(sigma):
+            self._follow_the_refiner(kwargs)
         if self.steps is not None and self.steps.is_start(x):
             c1 = skip_weight(self.inner.sigma_to_t(sigma), self.cosine_scale_1)
             x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
             self.steps.applied(x)
         return self._cfg_forward(x, sigma, **kwargs)
+
+    def _follow_the_refiner(self, kwargs: dict) -> None:
+        """The WebUI just switched to the refiner: this call and the rest run its inner model through the views,
+        with the conds it built with the refiner."""
+        kwargs["cond"] = self.sampler.sampler_extra_args["cond"]
+        kwargs["uncond"] = self.sampler.sampler_extra_args["uncond"]
+        self.inner = self.cfg.inner_model
+        self.fused = self.fuse(self.inner)
+        self.patches.append(InstancePatch(self.inner, "forward", self.fused))
+        if self.size_cond_for is not None:
+            self.size_cond = self.size_cond_for()
 
     def _before_call(self, call) -> None:
         self.call = call
@@ -200,12 +223,21 @@ class DemoFusionRun:
         self.plan: StagePlan | None = None
         self.stage: Stage | None = None          # the stage being sampled; Job.start_pass reads it
         self.size_cond: SizeConditioning | None = None
+        self.refiner_hold: RefinerHold | None = None  # the refiner waits for the final stage
 
     @property
     def is_img2img(self) -> bool:
         return getattr(self.p, "init_latent", None) is not None
 
-    def __call__(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+    def __call__(self, *args, **kwargs):
+        self.refiner_hold = RefinerHold(self.p) if refiner_of(self.p) is not None else None
+        try:
+            return self._stages(*args, **kwargs)
+        finally:
+            if self.refiner_hold is not None:
+                self.refiner_hold.remove()
+
+    def _stages(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         from modules import shared
 
         p, settings, info = self.p, self.job.settings, self.job.info
@@ -251,6 +283,14 @@ class DemoFusionRun:
                 hints.restore()
         return z
 
+    def _refiner_size_cond(self) -> SizeConditioning | None:
+        """The final size in the vector rows of the refiner, when its conditioner has the size embeddings."""
+        from modules import shared
+        if not getattr(shared.sd_model, "is_sdxl", False):
+            return None
+        size_cond = SizeConditioning(shared.sd_model, self.plan.final.width, self.plan.final.height)
+        return size_cond if size_cond.available else None
+
     def _progress_text(self, stage: Stage) -> str:
         return f"DemoFusion stage {stage.index}/{len(self.plan.stages)}: {stage.width}x{stage.height}"
 
@@ -291,8 +331,11 @@ class DemoFusionRun:
             hints.set_stage(stage.latent_size)
         if p.scripts is not None:
             p.scripts.process_before_every_sampling(p=p, x=z_up, noise=noise, c=c, uc=uc)
+        refiner = None
+        if self.refiner_hold is not None and stage is self.plan.stages[-1] and self.refiner_hold.release() is not None:
+            refiner = RefinerSwitch(p.sampler.model_wrap_cfg)
         patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._check_interrupt,
-                                sampler_name=p.sampler_name)
+                                sampler_name=p.sampler_name, refiner=refiner, size_cond_for=self._refiner_size_cond)
         strength = p.denoising_strength
         try:
             if self.is_img2img:  # the user's denoising strength, as in img2img and the hires pass

@@ -2,6 +2,7 @@
 multiplier and unCLIP."""
 import numpy as np
 import pytest
+import torch
 
 from tests.integration.conftest import gradient_png
 from tests.integration.test_api_demofusion import demofusion
@@ -39,15 +40,43 @@ def test_with_the_residual_at_full_weight_every_sampler_stays_on_stage_1(monkeyp
         assert distance <= 2 * distances["Euler 8"] + 0.01, distances
 
 
-def test_the_refiner_is_refused_clearly(webui, txt2img, fresh_plain, perturbed_checkpoint):
-    result = txt2img(refiner_checkpoint=perturbed_checkpoint, refiner_switch_at=0.5,
-                     alwayson_scripts=demofusion(scale=2))
-    assert result.status == 422 and "DemoFusion does not support the refiner" in result.json["detail"], result.json
-    assert webui.sd_model.sd_checkpoint_info.name_for_extra == "tiny-sd1"  # nothing was switched
+def test_the_refiner_takes_over_in_the_final_stage(monkeypatch, webui, txt2img, fresh_plain, perturbed_checkpoint):
+    """Stage 1 on the base model, the refiner from Switch at of the final stage on, through the views (no UNet call
+    sees the whole final latent), with conds it built; a refiner that never switches changes nothing."""
+    from lib_hires.webui import demofusion_sampler as dfs
+
+    sample, stage_inputs = dfs.DemoFusionRun._sample_stage, []
+
+    def spy(self, stage, z, *args):
+        stage_inputs.append(z.clone())
+        return sample(self, stage, z, *args)
+
+    monkeypatch.setattr(dfs.DemoFusionRun, "_sample_stage", spy)
+    common = dict(width=128, height=128, steps=6, alwayson_scripts=demofusion(scale=2))
+    plain = txt2img(**common)
+    sizes = []
+    unet_type = type(webui.sd_model.model.diffusion_model)  # any UNet object, the refiner's may be a new one
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: sizes.append(tuple(args[0].shape[-2:])) if type(module) is unet_type else None)
+    try:
+        refined = txt2img(**common, refiner_checkpoint=perturbed_checkpoint, refiner_switch_at=0.5)
+    finally:
+        handle.remove()
+    assert refined.status == 200 and refined.size == (256, 256), refined.json
+    assert refined.params()["Refiner"].startswith(perturbed_checkpoint)
+    assert not np.array_equal(refined.image, plain.image)
+    assert torch.equal(stage_inputs[0], stage_inputs[1])  # stage 1 is the base model's in both
+    assert sizes and max(max(s) for s in sizes) == 16      # stage 1 latent, the views and the dilated samples
+    never = txt2img(**common, refiner_checkpoint=perturbed_checkpoint, refiner_switch_at=1.0)
+    assert never.status == 200 and np.array_equal(never.image, plain.image)
+    assert webui.sd_model.sd_checkpoint_info.name_for_extra == "tiny-sd1"
     assert_clean(webui, txt2img, fresh_plain)
-    never = txt2img(refiner_checkpoint=perturbed_checkpoint, refiner_switch_at=1.0, width=128, height=128,
-                    alwayson_scripts=demofusion(scale=2))
-    assert never.status == 200 and never.size == (256, 256)  # a refiner that never switches changes nothing
+
+
+def test_a_refiner_with_global_redilation_is_refused(webui, txt2img, fresh_plain, perturbed_checkpoint):
+    result = txt2img(refiner_checkpoint=perturbed_checkpoint, refiner_switch_at=0.5,
+                     alwayson_scripts=demofusion(scale=2, redilation="global path"))
+    assert result.status == 422 and "cannot follow the refiner" in result.json["detail"], result.json
     assert_clean(webui, txt2img, fresh_plain)
 
 
