@@ -43,13 +43,13 @@ def inputs():
 @pytest.mark.parametrize("weights", ["float8 storage", "bfloat16"])
 def test_fused_denoiser_and_a_stage_under_bf16_autocast(k_diffusion, inputs, weights):
     reference_model, model = denoiser(k_diffusion, "float32"), denoiser(k_diffusion, weights)
-    sigmas = k_diffusion.sampling.get_sigmas_karras(3, 0.0292, 14.6146)
+    sigmas = k_diffusion.sampling.get_sigmas_karras(2, 0.0292, 14.6146)
 
-    def run(den):
-        fused = FusedDenoiser(den, dilation=2, window=16, stride=8, sigma_to_t=den.sigma_to_t,
+    def run(den):  # 2x2 jittered views and 2x2 dilated samples of 16, blurred, per evaluation
+        fused = FusedDenoiser(den, dilation=2, window=16, stride=16, sigma_to_t=den.sigma_to_t,
                               jitter=torch.Generator().manual_seed(0))
         one = fused(inputs.x * 3, torch.tensor([3.0]), cond=inputs.cond)
-        stage = sample_stage(den, inputs.x, inputs.noise, sigmas, dilation=2, window=16, stride=8,
+        stage = sample_stage(den, inputs.x, inputs.noise, sigmas, dilation=2, window=16, stride=16,
                              sigma_to_t=den.sigma_to_t, jitter=torch.Generator().manual_seed(1),
                              extra_args={"cond": inputs.cond})
         return one, stage
@@ -72,17 +72,16 @@ class CFG(torch.nn.Module):
         return self.inner_model(x, sigma, cond=cond)
 
 
-@pytest.mark.parametrize("sampler", ["sample_heun", "sample_dpmpp_2m"])
-def test_the_webui_stage_patches_under_fp8_storage_autocast(k_diffusion, inputs, sampler):
+def test_the_webui_stage_patches_under_fp8_storage_autocast(k_diffusion, inputs, sampler="sample_heun"):
     """The residual written in place into the float32 state, views and blur under bf16 autocast over a
     float8-stored UNet, through a real k-diffusion sampler."""
     cfg = CFG(denoiser(k_diffusion, "float8 storage"))
     func = getattr(k_diffusion.sampling, sampler)
     stand_in = SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None, func=func)
     patches = StageSampling(SimpleNamespace(sampler=stand_in), Stage(2, 2.0, 256, 256, 2),
-                            DemoFusionSettings(window=16, stride=8), inputs.x, inputs.noise,
+                            DemoFusionSettings(window=16, stride=16), inputs.x, inputs.noise,
                             torch.Generator().manual_seed(9), None, None, lambda: None)
-    sigmas = k_diffusion.sampling.get_sigmas_karras(3, 0.0292, 14.6146)
+    sigmas = k_diffusion.sampling.get_sigmas_karras(2, 0.0292, 14.6146)
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = stand_in.func(cfg, inputs.x + sigmas[0] * inputs.noise, sigmas, extra_args={"cond": inputs.cond},

@@ -4,7 +4,7 @@ Stage 1 is the WebUI's normal sampling at Width/Height (in img2img: the encoded 
 later stage upsamples the latent bicubically, makes a new ``p.rng`` of the stage's shape (the stage's
 noise, and what ancestral/SDE samplers draw), a fresh sampler, calls ``process_before_every_sampling``
 for every extension, and samples with ``sample_img2img`` from ``z' + sigma_0 noise``. Three instance
-patches on that sampler carry the algorithm, so the ``CFGDenoiser`` still runs once per step (prompt
+patches on that sampler carry the algorithm, so the ``CFGDenoiser`` still runs once per evaluation (prompt
 editing, previews, ``last_latent``, ControlNet's step gating stay right):
 
 * ``sampler.func``: the sampler function, probed with the very arguments the WebUI passes for which of

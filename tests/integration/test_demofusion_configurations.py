@@ -11,7 +11,7 @@ from tests.integration.test_api_scalecrafter import assert_clean
 pytestmark = pytest.mark.usefixtures("fresh_plain")
 
 
-def test_with_the_residual_at_full_weight_every_sampler_stays_on_stage_1(monkeypatch, txt2img):
+def test_with_the_residual_at_full_weight_every_sampler_stays_on_stage_1(monkeypatch, webui, txt2img):
     """cosine_scale_1 = 0 gives c1 = 1: every step must start from z' + sigma eps (z' the upsampled stage 1), so the
     stage ends next to z', for multi-evaluation samplers as close as for Euler. A residual landing on a predictor
     point leaves the state unanchored and the stage drifts from z'. Measured in latent space (the tiny random VAE
@@ -28,16 +28,29 @@ def test_with_the_residual_at_full_weight_every_sampler_stays_on_stage_1(monkeyp
 
     monkeypatch.setattr(dfs.DemoFusionRun, "_sample_stage", spy)
     distances = {}
-    for name, steps in (("Euler", 8), ("Heun", 8), ("DPM++ SDE", 8), ("DPM2", 8), ("DPM++ 2S a", 8),
-                        ("Restart", 8), ("Restart", 20)):  # 20 steps: with Restart's jumps back up
-        result = txt2img(sampler_name=name, steps=steps, width=128, height=128,
-                         alwayson_scripts=demofusion(scale=2, cosine_scale_1=0.0))
-        assert result.status == 200 and result.size == (256, 256), result.json
-        z_up, out = seen.pop("z_up"), seen.pop("out")
-        distances[f"{name} {steps}"] = float((out - z_up).abs().mean() / z_up.abs().mean())
+    # DPM2 drops the penultimate sigma (its last step starts higher): its reference is Euler doing the same
+    # (set on opts and put back here: override_settings does not restore an option the config file never held)
+    runs = (("Euler", 8, False), ("Euler", 8, True), ("Heun", 8, False), ("DPM++ SDE", 8, False),
+            ("DPM2", 8, False), ("DPM++ 2S a", 8, False), ("Restart", 8, False),
+            ("Restart", 20, False))  # 20 steps: with Restart's jumps back up
+    saved = webui.opts.always_discard_next_to_last_sigma
+    try:
+        for name, steps, discard in runs:
+            webui.opts.always_discard_next_to_last_sigma = discard
+            result = txt2img(sampler_name=name, steps=steps, width=128, height=128,
+                             alwayson_scripts=demofusion(scale=2, cosine_scale_1=0.0))
+            assert result.status == 200 and result.size == (256, 256), result.json
+            z_up, out = seen.pop("z_up"), seen.pop("out")
+            distances[f"{name} {steps}{' discard' if discard else ''}"] = float((out - z_up).abs().mean()
+                                                                             / z_up.abs().mean())
+    finally:
+        webui.opts.always_discard_next_to_last_sigma = saved
     print("mean |stage 2 - z'| / mean |z'| per sampler:", distances)
+    # measured: every sampler 0.75-1.0x its Euler reference; with the residual armed at the evaluation after each
+    # callback (the previous rule) Heun, DPM2 and Restart were ~500x, DPM++ SDE 2x and DPM++ 2S a 1.4x Euler
     for name, distance in distances.items():
-        assert distance <= 2 * distances["Euler 8"] + 0.01, distances
+        reference = distances["Euler 8 discard" if name.startswith("DPM2") else "Euler 8"]
+        assert distance <= 1.25 * reference, distances
 
 
 def test_the_refiner_takes_over_in_the_final_stage(monkeypatch, webui, txt2img, fresh_plain, perturbed_checkpoint):
