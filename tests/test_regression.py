@@ -120,7 +120,7 @@ def test_demofusion_stage_through_the_webui_patches(k_diffusion, sampler):
 
     kd = k_diffusion.sampling
     cfg = _CFG(_denoiser(k_diffusion, "sd1"))
-    sampler_object = SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None)
+    sampler_object = SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None, func=getattr(kd, sampler))
     gen = torch.Generator().manual_seed(5)
     z_up, noise = torch.randn(2, 1, 4, 32, 32, generator=gen).unbind(0)
     cond, uncond = _conds("sd1", gen)
@@ -130,7 +130,7 @@ def test_demofusion_stage_through_the_webui_patches(k_diffusion, sampler):
     inner = cfg.inner_model.inner_model
     sigmas = kd.get_sigmas_karras(4, 0.0292, 14.6146)
     try:
-        out = getattr(kd, sampler)(cfg, z_up + sigmas[0] * noise, sigmas,
+        out = sampler_object.func(cfg, z_up + sigmas[0] * noise, sigmas,
                                    extra_args={"cond": cond, "uncond": uncond, "cond_scale": 7.0},
                                    callback=lambda d: sampler_object.callback_state(d), disable=True)
     finally:

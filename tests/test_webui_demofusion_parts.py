@@ -162,33 +162,53 @@ class StandInCFG(torch.nn.Module):
         return self.inner_model(x, sigma, cond={"c_crossattn": [cond]})
 
 
-def test_stage_patches_apply_the_skip_residual_once_per_step_and_come_off():
+def two_evaluation_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Heun's call order: the step's state, the callback, then a predictor point at the next sigma."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        callback({"x": x, "i": i})
+        d = (x - denoised) / sigmas[i]
+        x_2 = x + d * (sigmas[i + 1] - sigmas[i])
+        d_2 = (x_2 - model(x_2, sigmas[i + 1] * s_in, **extra_args)) / sigmas[i + 1]
+        x = x + (d + d_2) / 2 * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def test_stage_patches_apply_the_skip_residual_at_each_step_start_and_come_off():
+    """The callback fires between a step's two evaluations: the residual goes to the state (the first), never to
+    the predictor point after the callback."""
     from lib_hires.demofusion import DemoFusionSettings, Stage, skip_residual, skip_weight
 
     cfg = StandInCFG()
     callbacks = []
-    sampler = SimpleNamespace(model_wrap_cfg=cfg, callback_state=callbacks.append)
+    sampler = SimpleNamespace(model_wrap_cfg=cfg, callback_state=callbacks.append, func=two_evaluation_sampler)
     p = SimpleNamespace(sampler=sampler)
     z_up, noise = torch.randn(1, 4, 32, 32), torch.randn(1, 4, 32, 32)
     settings = DemoFusionSettings(window=16, stride=8, jitter=False)
     patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), settings, z_up, noise, None, None, None, lambda: None)
+    seen = []
+
+    def model(x, sigma, **kwargs):
+        before = x.clone()
+        out = cfg(x, sigma, **kwargs)
+        seen.append((before, x.clone(), float(sigma[0])))
+        return out
+
     x = torch.randn(1, 4, 32, 32)
-    expected = skip_residual(x.clone(), z_up, noise, torch.tensor([3.0]), skip_weight(torch.tensor([500.0]), 3.0))
-    cond = torch.randn(1, 7, 8)
-    cfg(x, torch.tensor([3.0]), cond=cond)
-    assert torch.allclose(x, expected)                  # written into the sampler's own state
-    state = x.clone()
-    cfg(x, torch.tensor([2.0]), cond=cond)              # the second evaluation of the same step
-    assert torch.equal(x, state)
-    sampler.callback_state({"i": 0})                    # the step ends: the next evaluation mixes again
-    assert callbacks == [{"i": 0}]
-    cfg(x, torch.tensor([2.0]), cond=cond)
-    assert not torch.equal(x, state)
+    sampler.func(model, x, torch.tensor([3.0, 2.0, 1.0]), extra_args={"cond": torch.randn(1, 7, 8)},
+                 callback=sampler.callback_state)
+    c1 = skip_weight(torch.tensor([500.0]), 3.0)
+    (state_0, seen_0, _), (mid_0, mid_seen_0, sigma_mid), (state_1, seen_1, sigma_1), _ = seen
+    assert torch.allclose(seen_0, skip_residual(state_0, z_up, noise, torch.tensor([3.0]), c1))  # step 1 start
+    assert torch.equal(mid_seen_0, mid_0) and sigma_mid == 2.0   # the predictor point after the callback: untouched
+    assert sigma_1 == 2.0 and torch.allclose(seen_1, skip_residual(state_1, z_up, noise, torch.tensor([2.0]), c1))
+    assert [d["i"] for d in callbacks] == [0, 1] and torch.equal(callbacks[0]["x"], seen_0)  # the sampler's callback
     # every evaluation went through the views: 3x3 local views + 2x2 dilated samples of 16x16, one call each
-    assert cfg.inner_model.calls == 3 and cfg.inner_model.last_shape == (13, 4, 16, 16)
+    assert cfg.inner_model.calls == 4 and cfg.inner_model.last_shape == (13, 4, 16, 16)
     patches.remove()
     assert "forward" not in vars(cfg) and "forward" not in vars(cfg.inner_model)
-    assert sampler.callback_state == callbacks.append  # the sampler's own callback is back
+    assert sampler.func is two_evaluation_sampler  # the sampler's own function is back
 
 
 def test_stage_patches_stop_at_an_interrupt():
@@ -201,7 +221,8 @@ def test_stage_patches_stop_at_an_interrupt():
         raise Interrupted
 
     cfg = StandInCFG()
-    p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None))
+    p = SimpleNamespace(sampler=SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None,
+                                                func=two_evaluation_sampler))
     z = torch.zeros(1, 4, 32, 32)
     patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), DemoFusionSettings(window=16, stride=8, jitter=False),
                             z, z, None, None, None, interrupt)
@@ -222,3 +243,116 @@ def test_final_size_conditioning_patch():
     assert seen == [{"edited": True}] and edited == [{"vector": 1}]
     patch.remove()
     assert vars(inner)["forward"] is not patch and inner(torch.ones(1), torch.zeros(1), cond={}) == 1  # the old patch is back
+
+
+def test_unclip_img2img_and_a_refiner_with_global_redilation_are_refused():
+    from lib_hires.webui.demofusion_sampler import refiner_reason
+
+    unclip = SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn-adm"))
+    reason = unsupported_reason(SimpleNamespace(sd_model=unclip, enable_hr=False, init_images=[object()]))
+    assert "img2img does not support unCLIP" in reason
+    assert unsupported_reason(SimpleNamespace(sd_model=unclip, enable_hr=False)) is None  # txt2img: as the WebUI's
+    base, refiner = object(), object()
+    model = SimpleNamespace(model=SimpleNamespace(conditioning_key="crossattn"), sd_checkpoint_info=base)
+
+    def job(info, switch_at):
+        return SimpleNamespace(sd_model=model, enable_hr=False, refiner_checkpoint_info=info,
+                               refiner_switch_at=switch_at)
+
+    redilated = ScaleFusionSettings(enabled=True, method="DemoFusion", redilation="global path")
+    for switch_at in (0.5, None, 0.0):  # None: apply_refiner switches at once
+        assert unsupported_reason(job(refiner, switch_at)) is None  # the refiner takes over in the final stage
+        assert "cannot follow the refiner" in refiner_reason(job(refiner, switch_at), redilated)
+        assert refiner_reason(job(refiner, switch_at), redilated.replace(redilation="first stage")) is None
+    assert refiner_reason(job(refiner, 1.0), redilated) is None   # never switches
+    assert refiner_reason(job(base, 0.5), redilated) is None      # the refiner is the model already: no switch
+    assert refiner_reason(job(None, 0.5), redilated) is None
+
+
+def test_img2img_stage_noise_follows_the_initial_noise_multiplier():
+    from lib_hires.webui.demofusion_sampler import img2img_noise
+
+    noise = torch.randn(1, 4, 8, 8)
+    p = SimpleNamespace(initial_noise_multiplier=0.7, extra_generation_params={})
+    assert torch.equal(img2img_noise(p, noise), noise * 0.7)
+    assert p.extra_generation_params == {"Noise multiplier": 0.7}  # the key and value img2img's sample writes
+    default = SimpleNamespace(initial_noise_multiplier=1.0, extra_generation_params={})
+    assert img2img_noise(default, noise) is noise and default.extra_generation_params == {}
+
+
+def test_the_patched_sampler_function_keeps_its_signature():
+    """The WebUI chooses what it passes (sigmas, or sigma_min/sigma_max/n, noise_sampler...) from
+    inspect.signature(sampler.func)."""
+    import inspect
+
+    from lib_hires.demofusion import DemoFusionSettings, Stage
+
+    cfg = StandInCFG()
+    sampler = SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None, func=two_evaluation_sampler)
+    z = torch.zeros(1, 4, 32, 32)
+    patches = StageSampling(SimpleNamespace(sampler=sampler), Stage(2, 2.0, 256, 256, 2),
+                            DemoFusionSettings(window=16, stride=8, jitter=False), z, z, None, None, None, lambda: None)
+    try:
+        assert sampler.func is not two_evaluation_sampler
+        assert inspect.signature(sampler.func) == inspect.signature(two_evaluation_sampler)
+    finally:
+        patches.remove()
+
+
+def test_the_refiner_takes_over_in_the_final_stage_with_its_own_conds_and_views(monkeypatch):
+    """Fakes of the WebUI's switch (apply_refiner: load, rebuild the conds into sampler_extra_args, drop the inner
+    model): the stage patches make it happen before the CFG call, move the views to the refiner's inner model and
+    hand that call the refiner's conds."""
+    import sys
+    import types
+
+    from lib_hires.demofusion import DemoFusionSettings, Stage
+    from lib_hires.webui.demofusion_refiner import RefinerHold, RefinerSwitch
+
+    class SwitchingCFG(StandInCFG):
+        def __init__(self):
+            super().__init__()
+            self.conds_seen = []
+
+        def forward(self, x, sigma, cond=None, uncond=None):
+            self.conds_seen.append(cond)
+            return self.inner_model(x, sigma, cond={"c_crossattn": [cond]})
+
+    cfg = SwitchingCFG()
+    base_inner, refiner_inner = cfg.inner_model, StandInInner()
+    refiner_cond = torch.full((1, 7, 8), 2.0)
+    sampler = SimpleNamespace(model_wrap_cfg=cfg, callback_state=lambda d: None, func=two_evaluation_sampler,
+                              sampler_extra_args={})
+    switches = []
+
+    def apply_refiner(cfg_denoiser, sigma):
+        if float(sigma[0]) > 2.5 or switches:
+            return False
+        switches.append(float(sigma[0]))
+        cfg_denoiser.inner_model = refiner_inner
+        sampler.sampler_extra_args.update(cond=refiner_cond, uncond=refiner_cond)
+        return True
+
+    fake = types.ModuleType("modules.sd_samplers_common")
+    fake.apply_refiner = apply_refiner
+    monkeypatch.setitem(sys.modules, "modules", types.SimpleNamespace(sd_samplers_common=fake))
+    monkeypatch.setitem(sys.modules, "modules.sd_samplers_common", fake)
+
+    p = SimpleNamespace(sampler=sampler, refiner_checkpoint_info="refiner")
+    hold = RefinerHold(p)
+    assert p.refiner_checkpoint_info is None  # earlier stages: apply_refiner never switches
+    assert hold.release() == "refiner" and p.refiner_checkpoint_info == "refiner"
+    z = torch.zeros(1, 4, 32, 32)
+    patches = StageSampling(p, Stage(2, 2.0, 256, 256, 2), DemoFusionSettings(window=16, stride=8, jitter=False),
+                            z, z, None, None, None, lambda: None, refiner=RefinerSwitch(cfg))
+    sampler.sampler_extra_args.update(cond=torch.zeros(1, 7, 8))  # the WebUI passes this very dict as extra_args
+    sampler.func(cfg, torch.randn(1, 4, 32, 32), torch.tensor([3.0, 2.0, 1.0]), extra_args=sampler.sampler_extra_args,
+                 callback=lambda d: None)
+    assert switches == [2.0]  # at step 1's predictor point: that very call already runs the refiner
+    assert [c is refiner_cond for c in cfg.conds_seen] == [False, True, True, True]
+    assert base_inner.calls == 1 and refiner_inner.calls == 3           # each evaluation one call through views
+    assert refiner_inner.last_shape == (13, 4, 16, 16)                  # the refiner sees views, not the latent
+    patches.remove()
+    hold.remove()
+    assert "forward" not in vars(base_inner) and "forward" not in vars(refiner_inner)
+    assert p.refiner_checkpoint_info == "refiner"

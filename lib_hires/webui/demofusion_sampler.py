@@ -4,12 +4,14 @@ Stage 1 is the WebUI's normal sampling at Width/Height (in img2img: the encoded 
 later stage upsamples the latent bicubically, makes a new ``p.rng`` of the stage's shape (the stage's
 noise, and what ancestral/SDE samplers draw), a fresh sampler, calls ``process_before_every_sampling``
 for every extension, and samples with ``sample_img2img`` from ``z' + sigma_0 noise``. Three instance
-patches on that sampler carry the algorithm, so the ``CFGDenoiser`` still runs once per step (prompt
+patches on that sampler carry the algorithm, so the ``CFGDenoiser`` still runs once per evaluation (prompt
 editing, previews, ``last_latent``, ControlNet's step gating stay right):
 
+* ``sampler.func``: the sampler function, probed with the very arguments the WebUI passes for which of
+  its evaluations start a step (``lib_hires/demofusion/step_starts.py``), then run with a callback
+  that checks each reported state carries the residual;
 * ``CFGDenoiser.forward``: the skip residual, written into the sampler's state ``x`` in place at the
-  first evaluation of each step (k-diffusion samplers keep using that tensor after the model call);
-* ``callback_state``: marks step boundaries for that;
+  evaluations that start a step (the sampler keeps using that tensor after the model call);
 * ``inner_model.forward``: the :class:`~lib_hires.demofusion.FusedDenoiser` (local views and the
   dilated path), which sees every cond and uncond row, plus SDXL crops and ControlNet hints per call.
 
@@ -18,14 +20,20 @@ After each stage every image is re-standardised to its stage-1 latent's mean and
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+
 import torch
 
+from lib_hires.demofusion.step_starts import StepStarts, UnsupportedSampler, probe, tracked_call
 from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, plan_stages, repeat_rows,
                                   restandardize, row_stats, skip_residual, skip_weight, upsample_latent)
 from lib_hires.settings import TITLE, ScaleFusionSettings
 
 from . import decoding
 from .controlnet_hints import StageHints, control_params
+from .demofusion_refiner import RefinerHold, RefinerSwitch, refiner_of
 from .instance_patch import InstancePatch
 from .messages import log
 from .model_info import ModelInfo
@@ -57,6 +65,51 @@ def unsupported_reason(p) -> str | None:
         return f"{TITLE}: DemoFusion does not support inpainting, depth or instruct-pix2pix checkpoints"
     if getattr(p, "image_mask", None) is not None:
         return f"{TITLE}: DemoFusion upscales whole images; inpainting masks are not supported"
+    if getattr(model.model, "conditioning_key", None) == "crossattn-adm" and getattr(p, "init_images", None):
+        return (f"{TITLE}: DemoFusion img2img does not support unCLIP checkpoints: its later stages would sample "
+                "without the input image's embedding")
+    return None
+
+
+def refiner_reason(p, settings: ScaleFusionSettings) -> str | None:
+    """The refiner takes over in the final stage (``demofusion_refiner.py``); ScaleCrafter's re-dilation of the
+    global path is armed on the base UNet for the whole stage and would not follow it."""
+    if _refiner_switches(p) and settings.redilation in ("global path", "both"):
+        return (f"{TITLE}: DemoFusion's re-dilation of the global path ({settings.redilation}) cannot follow the "
+                "refiner, which takes over in the final stage; set re-dilation to off or first stage, or turn the "
+                "refiner off")
+    return None
+
+
+def _refiner_switches(p) -> bool:
+    """As ``sd_samplers_common.apply_refiner`` decides: a switch at None switches at once, at >= 1 never."""
+    info = getattr(p, "refiner_checkpoint_info", None)
+    if info is None:
+        return False
+    switch_at = getattr(p, "refiner_switch_at", None)
+    if switch_at is not None and switch_at >= 1:
+        return False
+    return getattr(p.sd_model, "sd_checkpoint_info", None) != info
+
+
+def sampler_reason(p) -> str | None:
+    """Why the job's sampler cannot carry the skip residual at every step start, or None: its step structure,
+    probed on a tiny tensor with a generic schedule of the job's step count (the stage run probes again with the
+    real one)."""
+    from modules import sd_samplers
+
+    func = getattr(sd_samplers.create_sampler(p.sampler_name, p.sd_model), "func", None)
+    if func is None:
+        return f"{TITLE}: DemoFusion cannot drive the sampler {p.sampler_name}: it has no sampling function to follow"
+    steps = max(int(getattr(p, "steps", 20) or 20), 2)
+    sigmas = torch.cat([torch.exp(torch.linspace(math.log(14.6), math.log(0.03), steps)), torch.zeros(1)])
+    parameters = inspect.signature(func).parameters
+    kwargs = {name: value for name, value in (("sigmas", sigmas), ("sigma_min", 0.03), ("sigma_max", 14.6),
+                                              ("n", steps)) if name in parameters}
+    try:
+        probe(func, None, torch.zeros(1, 4, 8, 8), callback=None, **kwargs)
+    except UnsupportedSampler as error:
+        return f"{TITLE}: DemoFusion cannot put its skip residual at each step start of {p.sampler_name} ({error})"
     return None
 
 
@@ -64,33 +117,58 @@ class StageSampling:
     """The instance patches of one later stage on ``p.sampler``; ``remove()`` undoes them."""
 
     def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator | None,
-                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt):
+                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt,
+                 sampler_name: str | None = None, refiner: RefinerSwitch | None = None,
+                 size_cond_for=None):
         self.sampler = p.sampler
         self.cfg = p.sampler.model_wrap_cfg
         self.inner = self.cfg.inner_model
         self.z_up, self.noise = z_up, noise
         self.cosine_scale_1 = settings.cosine_scale_1
-        self.pending = True  # the next CFG evaluation starts a step
+        self.steps: StepStarts | None = None  # the step starts of the sampler run in progress
         self.call = None     # the model call view_cond serves (before_call sees it first)
         self.size_cond, self.hints, self.check_interrupt = size_cond, hints, check_interrupt
-        self.fused = FusedDenoiser.from_settings(self.inner.forward, settings, dilation=stage.dilation,
-                                                 sigma_to_t=self.inner.sigma_to_t, jitter=jitter,
-                                                 view_cond=self._view_cond, before_call=self._before_call)
-        self._cfg_forward, self._callback = self.cfg.forward, self.sampler.callback_state
+        self.refiner, self.size_cond_for = refiner, size_cond_for
+        self.fuse = lambda inner: FusedDenoiser.from_settings(inner.forward, settings, dilation=stage.dilation,
+                                                              sigma_to_t=inner.sigma_to_t, jitter=jitter,
+                                                              view_cond=self._view_cond, before_call=self._before_call)
+        self.fused = self.fuse(self.inner)
+        self._cfg_forward, self._func = self.cfg.forward, self.sampler.func
+        self.sampler_name = sampler_name or getattr(self._func, "__name__", "the sampler")
         self.patches = [InstancePatch(self.cfg, "forward", self._forward),
-                        InstancePatch(self.sampler, "callback_state", self._callback_state),
+                        InstancePatch(self.sampler, "func", functools.wraps(self._func)(
+                            lambda *args, **kwargs: self._run(*args, **kwargs))),
                         InstancePatch(self.inner, "forward", self.fused)]
 
+    def _run(self, *args, **kwargs):
+        """The sampler function itself: probed for its step starts with these very arguments, then run. It keeps
+        the function's signature (``functools.wraps``): the WebUI picks the arguments it passes from it."""
+        self.steps, args, kwargs = tracked_call(
+            self._func, lambda pattern, x: StepStarts(pattern, x, self.sampler_name), *args, **kwargs)
+        try:
+            return self._func(*args, **kwargs)
+        finally:
+            self.steps = None
+
     def _forward(self, x, sigma, **kwargs):
-        if self.pending:
-            self.pending = False
+        if self.refiner is not None and self.refiner(sigma):
+            self._follow_the_refiner(kwargs)
+        if self.steps is not None and self.steps.is_start(x):
             c1 = skip_weight(self.inner.sigma_to_t(sigma), self.cosine_scale_1)
             x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
+            self.steps.applied(x)
         return self._cfg_forward(x, sigma, **kwargs)
 
-    def _callback_state(self, d):
-        self.pending = True
-        return self._callback(d)
+    def _follow_the_refiner(self, kwargs: dict) -> None:
+        """The WebUI just switched to the refiner: this call and the rest run its inner model through the views,
+        with the conds it built with the refiner."""
+        kwargs["cond"] = self.sampler.sampler_extra_args["cond"]
+        kwargs["uncond"] = self.sampler.sampler_extra_args["uncond"]
+        self.inner = self.cfg.inner_model
+        self.fused = self.fuse(self.inner)
+        self.patches.append(InstancePatch(self.inner, "forward", self.fused))
+        if self.size_cond_for is not None:
+            self.size_cond = self.size_cond_for()
 
     def _before_call(self, call) -> None:
         self.call = call
@@ -107,6 +185,16 @@ class StageSampling:
     def remove(self) -> None:
         for patch in reversed(self.patches):
             patch.remove()
+
+
+def img2img_noise(p, noise):
+    """img2img's own ``sample`` scales its noise by ``initial_noise_multiplier`` and records it: every later stage
+    does the same (the start state and the skip residual's ``z' + sigma noise`` use the scaled noise)."""
+    multiplier = getattr(p, "initial_noise_multiplier", None)
+    if multiplier is None or multiplier == 1.0:
+        return noise
+    p.extra_generation_params["Noise multiplier"] = multiplier
+    return noise * multiplier
 
 
 class FinalSizeConditioning:
@@ -135,12 +223,21 @@ class DemoFusionRun:
         self.plan: StagePlan | None = None
         self.stage: Stage | None = None          # the stage being sampled; Job.start_pass reads it
         self.size_cond: SizeConditioning | None = None
+        self.refiner_hold: RefinerHold | None = None  # the refiner waits for the final stage
 
     @property
     def is_img2img(self) -> bool:
         return getattr(self.p, "init_latent", None) is not None
 
-    def __call__(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+    def __call__(self, *args, **kwargs):
+        self.refiner_hold = RefinerHold(self.p) if refiner_of(self.p) is not None else None
+        try:
+            return self._stages(*args, **kwargs)
+        finally:
+            if self.refiner_hold is not None:
+                self.refiner_hold.remove()
+
+    def _stages(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         from modules import shared
 
         p, settings, info = self.p, self.job.settings, self.job.info
@@ -186,6 +283,14 @@ class DemoFusionRun:
                 hints.restore()
         return z
 
+    def _refiner_size_cond(self) -> SizeConditioning | None:
+        """The final size in the vector rows of the refiner, when its conditioner has the size embeddings."""
+        from modules import shared
+        if not getattr(shared.sd_model, "is_sdxl", False):
+            return None
+        size_cond = SizeConditioning(shared.sd_model, self.plan.final.width, self.plan.final.height)
+        return size_cond if size_cond.available else None
+
     def _progress_text(self, stage: Stage) -> str:
         return f"DemoFusion stage {stage.index}/{len(self.plan.stages)}: {stage.width}x{stage.height}"
 
@@ -219,14 +324,18 @@ class DemoFusionRun:
         z_up = upsample_latent(z, stage.latent_size)
         p.rng = rng.ImageRNG(z_up.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
                              seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
-        noise = p.rng.next()
+        noise = img2img_noise(p, p.rng.next()) if self.is_img2img else p.rng.next()
         p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
         image_conditioning = p.txt2img_image_conditioning(z_up, stage.width, stage.height)
         if hints is not None:
             hints.set_stage(stage.latent_size)
         if p.scripts is not None:
             p.scripts.process_before_every_sampling(p=p, x=z_up, noise=noise, c=c, uc=uc)
-        patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._check_interrupt)
+        refiner = None
+        if self.refiner_hold is not None and stage is self.plan.stages[-1] and self.refiner_hold.release() is not None:
+            refiner = RefinerSwitch(p.sampler.model_wrap_cfg)
+        patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._check_interrupt,
+                                sampler_name=p.sampler_name, refiner=refiner, size_cond_for=self._refiner_size_cond)
         strength = p.denoising_strength
         try:
             if self.is_img2img:  # the user's denoising strength, as in img2img and the hires pass

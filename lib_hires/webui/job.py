@@ -13,7 +13,8 @@ from lib_hires.settings import DF, SC, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import short_source, size_warnings
 
 from . import decoding, model_info, xyz
-from .demofusion_sampler import DemoFusionRun, FinalSizeConditioning, stage_plan, unsupported_reason
+from .demofusion_sampler import (DemoFusionRun, FinalSizeConditioning, refiner_reason, sampler_reason, stage_plan,
+                                 unsupported_reason)
 from .messages import RequestError, log
 from .scalecrafter_pass import ScaleCrafterPass, plan_for_latent
 
@@ -82,7 +83,8 @@ class Job:
     def _check_request(self, p) -> None:
         """What the engines cannot do is refused before any sampling starts."""
         if self.settings.method == DF:
-            reason = unsupported_reason(p) or self._timestep_sampler_reason(p)
+            reason = (unsupported_reason(p) or self._timestep_sampler_reason(p) or sampler_reason(p)
+                      or refiner_reason(p, self.settings))
             if reason:
                 raise RequestError(reason)
             try:

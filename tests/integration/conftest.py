@@ -173,3 +173,34 @@ def fresh_plain(txt2img):
     result = txt2img()
     assert result.status == 200
     return result
+
+
+@pytest.fixture
+def perturbed_checkpoint(webui):
+    """A second checkpoint: tiny-sd1 with its UNet weights perturbed, saved beside it (its own yaml), listed
+    for the WebUI while the test runs and removed after. Yields its name."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from modules import sd_models
+
+    folder = Path(sd_models.model_path)
+    source = folder / "tiny-sd1.safetensors"
+    name = f"tiny-sd1-perturbed-{os.getpid()}"
+    target, yaml = folder / f"{name}.safetensors", folder / f"{name}.yaml"
+    weights = load_file(str(source))
+    generator = torch.Generator().manual_seed(0)
+    for key, value in weights.items():
+        if key.startswith("model.diffusion_model.") and value.is_floating_point():
+            noise = torch.randn(value.shape, generator=generator)
+            weights[key] = (value.float() + 0.05 * value.float().std().nan_to_num() * noise).to(value.dtype)
+    save_file(weights, str(target))
+    shutil.copyfile(folder / "tiny-sd1.yaml", yaml)
+    sd_models.list_models()
+    try:
+        yield name
+    finally:
+        target.unlink(missing_ok=True)
+        yaml.unlink(missing_ok=True)
+        sd_models.list_models()

@@ -102,9 +102,9 @@ def test_euler_stage_equals_the_engine(monkeypatch, txt2img):
     seen = {}
     init, sample = dfs.StageSampling.__init__, dfs.DemoFusionRun._sample_stage
 
-    def spy_init(self, p, stage, settings, z_up, noise, *args):
+    def spy_init(self, p, stage, settings, z_up, noise, *args, **kwargs):
         seen.update(p=p, stage=stage, settings=settings, z_up=z_up.clone(), noise=noise.clone(), sampler=p.sampler)
-        init(self, p, stage, settings, z_up, noise, *args)
+        init(self, p, stage, settings, z_up, noise, *args, **kwargs)
 
     def spy_sample(self, *args):
         out = sample(self, *args)
