@@ -121,6 +121,10 @@ class ConvHook:
         self.dispersed = False
         self.detached = False
 
+    @property
+    def conv(self) -> nn.Conv2d | None:
+        return self._conv()
+
     def __call__(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         factor = self.factor
         conv = self._conv()
