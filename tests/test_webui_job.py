@@ -238,14 +238,19 @@ def test_an_invalid_override_refuses_the_request(webui, k_diffusion):
 
 # --- in-step TAESD previews (--medvram / --lowvram) ---------------------------------------------------------------
 
-def test_in_step_taesd_previews_are_decoded_from_a_shrunk_latent(webui, k_diffusion, monkeypatch):
+@pytest.mark.parametrize("method,lowvram", [("TAESD", False), ("Approx NN", False), ("Full", True)],
+                         ids=["TAESD", "Approx NN", "Full under --lowvram is Approx NN"])
+def test_in_step_previews_of_preview_decoders_are_decoded_from_a_shrunk_latent(webui, k_diffusion, monkeypatch,
+                                                                              method, lowvram):
     monkeypatch.setattr(decoding, "shrink_latent", lambda z: shrink_latent(z, max_side=8))  # 16 px latents here
-    webui.shared.parallel_processing_allowed = False  # what --medvram sets
-    webui.shared.opts.show_progress_type = "TAESD"
+    webui.shared.parallel_processing_allowed = False  # what --medvram / --lowvram set
+    webui.shared.opts.show_progress_type = method
+    webui.lowvram.enabled = lowvram
+    decoder = webui.taesd if method == "TAESD" else webui.approx_nn
     p = FakeTxt2Img(webui, k_diffusion, width=128, height=128, steps=2)
     run_job(p, SC_2X)
-    assert webui.taesd.seen == [(8, 8), (8, 8)]
-    assert "forward" not in vars(webui.taesd)
-    webui.taesd.seen.clear()
+    assert decoder.seen == [(8, 8), (8, 8)]
+    assert "forward" not in vars(decoder) and not webui.sd_model.decoded
+    decoder.seen.clear()
     run_job(FakeTxt2Img(webui, k_diffusion, width=128, height=128, steps=1), ScaleFusionSettings())
-    assert webui.taesd.seen == [(16, 16)]  # without ScaleFusion the WebUI's own preview
+    assert decoder.seen == [(16, 16)]  # without ScaleFusion the WebUI's own preview

@@ -1,6 +1,6 @@
 """Stand-ins for the WebUI v1.10.1 pieces a ScaleFusion job meets, in the WebUI's call order.
 
-``FakeWebUI`` installs a ``modules`` package (``shared``, ``devices``, ``sd_unet``, ``sd_vae_taesd``) into
+``FakeWebUI`` installs a ``modules`` package (``shared``, ``devices``, ``sd_unet``, the preview decoders) into
 ``sys.modules`` for one test. ``FakeTxt2Img.sample`` follows ``StableDiffusionProcessingTxt2Img.sample`` and
 ``sample_hr_pass`` (``modules/processing.py``): a sampler per pass, ``process_before_every_sampling`` before each,
 ``reload_model_weights(hr_checkpoint_info)`` between the passes, the hires result decoded inside ``p.sample`` on
@@ -78,6 +78,9 @@ class TinyTAESD(torch.nn.Module):
         return torch.zeros(z.shape[0], 3, 8 * z.shape[-2], 8 * z.shape[-1])
 
 
+MODULES = ("shared", "devices", "sd_unet", "sd_vae_taesd", "sd_vae_approx", "lowvram")
+
+
 class FakeWebUI:
     """The ``modules`` package for one test, and the model switches the WebUI makes."""
 
@@ -86,7 +89,8 @@ class FakeWebUI:
         self.shared.sd_model = model
         self.shared.state = State()
         self.shared.opts = SimpleNamespace(data={}, lora_functional=False, live_previews_enable=True,
-                                           show_progress_every_n_steps=1, show_progress_type="Full")
+                                           show_progress_every_n_steps=1, show_progress_type="Full",
+                                           live_preview_allow_lowvram_full=False)
         self.shared.parallel_processing_allowed = True
         self.devices = types.ModuleType("modules.devices")
         self.devices.device = "cpu"
@@ -95,16 +99,22 @@ class FakeWebUI:
         self.taesd = TinyTAESD()
         self.sd_vae_taesd = types.ModuleType("modules.sd_vae_taesd")
         self.sd_vae_taesd.decoder_model = lambda: self.taesd
+        self.approx_nn = TinyTAESD()
+        self.sd_vae_approx = types.ModuleType("modules.sd_vae_approx")
+        self.sd_vae_approx.model = lambda: self.approx_nn
+        self.lowvram = types.ModuleType("modules.lowvram")
+        self.lowvram.enabled = False
+        self.lowvram.is_enabled = lambda sd_model: self.lowvram.enabled
         self.package = types.ModuleType("modules")
         self.package.__path__ = []
-        for name in ("shared", "devices", "sd_unet", "sd_vae_taesd"):
+        for name in MODULES:
             setattr(self.package, name, getattr(self, name))
         self.refiner: tuple[int, FakeModel, bool] | None = None  # (switch at step, checkpoint, same object)
 
     def install(self, monkeypatch) -> "FakeWebUI":
         from lib_hires.webui import model_info
         monkeypatch.setitem(sys.modules, "modules", self.package)
-        for name in ("shared", "devices", "sd_unet", "sd_vae_taesd"):
+        for name in MODULES:
             monkeypatch.setitem(sys.modules, f"modules.{name}", getattr(self, name))
         model_info._sd_unet_module.cache_clear()
         monkeypatch.setattr(model_info, "_sd_unet_module", lambda: self.sd_unet)
@@ -205,8 +215,13 @@ class FakeCFGDenoiser:
         shared.state.current_latent = preview
         if shared.parallel_processing_allowed or not shared.opts.live_previews_enable:
             return
-        if shared.opts.show_progress_type == "TAESD":
+        method = shared.opts.show_progress_type
+        if method == "Full" and self.webui.lowvram.enabled and not shared.opts.live_preview_allow_lowvram_full:
+            method = "Approx NN"
+        if method == "TAESD":
             self.webui.sd_vae_taesd.decoder_model()(preview)
+        elif method == "Approx NN":
+            self.webui.sd_vae_approx.model()(preview)
         else:
             self.webui.sd_model.decode_first_stage(preview)
 

@@ -161,12 +161,13 @@ class LargeOutputGuard:
 
 
 class SmallPreviewDecoder:
-    """An instance patch on a preview decoder module (TAESD's) that shrinks the latents given it inside a step.
+    """An instance patch on a preview decoder module (TAESD's, the Approx NN) that shrinks the latents given it
+    inside a step.
 
     With ``--medvram`` / ``--lowvram`` the WebUI decodes the live preview inside the denoiser step
-    (``sd_samplers_common.store_latent``); with the TAESD preview method that decode goes through
-    ``sd_vae_taesd.decoder_model()``, not through ``decode_first_stage``, and a 4096-px latent would cost
-    several GB there.
+    (``sd_samplers_common.store_latent``); with the TAESD or Approx NN preview method that decode goes through
+    ``sd_vae_taesd.decoder_model()`` / ``sd_vae_approx.model()``, not through ``decode_first_stage``, and a
+    4096-px latent would cost several GB there.
     """
 
     def __init__(self, decoder, guard: LargeOutputGuard):
@@ -182,18 +183,24 @@ class SmallPreviewDecoder:
         self.patch.remove()
 
 
-def taesd_step_preview_decoder(opts, shared, sd_vae_taesd):
-    """The TAESD decoder the in-step preview of this step will use, or None where no in-step TAESD preview runs.
+def step_preview_decoder(opts, shared, lowvram, sd_vae_taesd, sd_vae_approx):
+    """The preview decoder module the in-step preview will use (TAESD's or the Approx NN), or None where no
+    in-step preview runs or it goes through ``decode_first_stage`` (guarded by ``LargeOutputGuard``).
 
     The same conditions as ``store_latent`` and ``samples_to_images_tensor``: previews on, no parallel
-    preview thread (``--medvram``/``--lowvram``), the TAESD method. ``decoder_model()`` is what that preview
-    calls anyway (it loads the decoder for the current model kind once).
+    preview thread (``--medvram``/``--lowvram``), the method, with "Full" becoming "Approx NN" under
+    ``--lowvram``. Getting the module is what that preview does anyway (it loads it once per model kind).
     """
-    if not (opts.live_previews_enable and opts.show_progress_every_n_steps > 0):
+    if not (opts.live_previews_enable and opts.show_progress_every_n_steps > 0) or shared.parallel_processing_allowed:
         return None
-    if shared.parallel_processing_allowed or opts.show_progress_type != "TAESD":
-        return None
-    return sd_vae_taesd.decoder_model()
+    method = opts.show_progress_type
+    if method == "Full" and lowvram.is_enabled(shared.sd_model) and not opts.live_preview_allow_lowvram_full:
+        method = "Approx NN"
+    if method == "TAESD":
+        return sd_vae_taesd.decoder_model()
+    if method == "Approx NN":
+        return sd_vae_approx.model()
+    return None
 
 
 class StepPreviews:

@@ -146,7 +146,7 @@ class Job:
         cfg_denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
         if cfg_denoiser is not None:
             self._add(decoding.StepPreviews(cfg_denoiser, self.guard))
-            self._watch_taesd_previews()
+            self._watch_step_previews()
         if self.run is not None:
             self._start_demofusion_pass(p, x)
             return
@@ -186,7 +186,7 @@ class Job:
             return
         if self.guard is not None:
             self.guard.attach(p.sd_model)
-            self._watch_taesd_previews()  # TAESD has a decoder per model kind
+            self._watch_step_previews()  # TAESD and Approx NN have a decoder per model kind
         latent_hw, cfg_denoiser, key = self.armed
         for hook in [h for h in self.hooks if isinstance(h, ScaleCrafterPass)]:
             self._discard(hook)
@@ -229,12 +229,12 @@ class Job:
         log(f"warning: {name} runs without ScaleCrafter ({reason})")
         p.extra_generation_params[infotext_key] = f"none ({name}: {reason})"
 
-    def _watch_taesd_previews(self) -> None:
-        from modules import sd_vae_taesd, shared
+    def _watch_step_previews(self) -> None:
+        from modules import lowvram, sd_vae_approx, sd_vae_taesd, shared
         try:
-            decoder = decoding.taesd_step_preview_decoder(shared.opts, shared, sd_vae_taesd)
+            decoder = decoding.step_preview_decoder(shared.opts, shared, lowvram, sd_vae_taesd, sd_vae_approx)
         except Exception as error:  # noqa: BLE001 - the WebUI's own preview reports it again in the step
-            log(f"warning: the TAESD preview decoder did not load ({error}); in-step previews are not shrunk")
+            log(f"warning: the preview decoder did not load ({error}); in-step previews are not shrunk")
             return
         if decoder is not None and not any(getattr(h, "decoder", None) is decoder for h in self.hooks):
             self._add(decoding.SmallPreviewDecoder(decoder, self.guard))

@@ -58,8 +58,11 @@ class ScaleCrafterPass:
     def __init__(self, plan: ScaleCrafterPlan, info: ModelInfo, cfg_denoiser, sd_model, lora_networks=()):
         self.plan = plan
         self.controller = ScaleCrafterController(info.unet, plan)
-        # lora_functional: the networks' conv deltas go through the same re-dilated convs
-        self.lora_deltas = FunctionalLoraDeltas(self.controller.handle.hooks, lora_networks)
+        try:  # lora_functional: the networks' conv deltas go through the same re-dilated convs
+            self.lora_deltas = FunctionalLoraDeltas(self.controller.handle.hooks, lora_networks)
+        except BaseException:
+            self.controller.remove()
+            raise
         self.cfg_denoiser = cfg_denoiser
         self.sd_model = sd_model
         self.base_evaluations = 0
