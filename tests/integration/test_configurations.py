@@ -71,19 +71,6 @@ def test_the_refiner_samples_re_dilated(webui, txt2img, fresh_plain, perturbed_c
     assert_clean(webui, txt2img, fresh_plain)
 
 
-def test_lora_functional_gives_the_merged_image(webui, txt2img, fresh_plain):
-    lora = dict(prompt="a cat <lora:tiny:1>", width=256, height=256, steps=3,
-                alwayson_scripts=scalefusion(**SC_2X, dispersion=True))
-    merged = txt2img(**lora)
-    functional = txt2img(**lora, override_settings={"lora_functional": True})
-    assert merged.status == functional.status == 200, functional.json
-    without = txt2img(**{**lora, "prompt": "a cat"})
-    assert not np.array_equal(merged.image, without.image)  # the LoRA changes the image
-    difference = np.abs(merged.image.astype(int) - functional.image.astype(int))
-    assert difference.max() <= 2, difference.max()  # the same image up to float rounding
-    assert_clean(webui, txt2img, fresh_plain)
-
-
 def test_an_override_of_a_default_applies_to_that_request_only(webui, txt2img, fresh_plain):
     request = dict(width=256, height=256, steps=2, alwayson_scripts=scalefusion(native_size=128))
     default = txt2img(**request)
@@ -158,5 +145,39 @@ def test_fp8_storage_with_dispersion(webui, txt2img, fresh_plain):
         # Leaving fp8, the WebUI reloads the weights through fp16 (load_model_weights: "model.half()" while
         # devices.fp8): one more reload from the file gives the exact fp32 weights back for the next tests.
         assert txt2img().status == 200
-        sd_models.reload_model_weights(forced_reload=True)
+        reload_exact_weights()
+    assert_clean(webui, txt2img, fresh_plain)
+
+
+def reload_exact_weights():
+    """The checkpoint's weights from the file again, and no conds cached from before."""
+    from modules import processing, sd_models
+
+    sd_models.reload_model_weights(forced_reload=True)
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+
+
+def test_lora_functional_gives_the_merged_image(webui, txt2img, fresh_plain):
+    import sys
+
+    lora = dict(prompt="a cat <lora:tiny:1>", width=256, height=256, steps=3,
+                alwayson_scripts=scalefusion(**SC_2X, dispersion=True))
+    try:
+        merged = txt2img(**lora)
+        functional = txt2img(**lora, override_settings={"lora_functional": True})
+        assert merged.status == functional.status == 200, functional.json
+        without = txt2img(**{**lora, "prompt": "a cat"})
+        assert not np.array_equal(merged.image, without.image)  # the LoRA changes the image
+        difference = np.abs(merged.image.astype(int) - functional.image.astype(int))
+        assert difference.max() <= 2, difference.max()  # the same image up to float rounding
+        from tests.integration.test_api_scalecrafter import hooks_left
+        assert hooks_left(webui) == 0
+        networks = sys.modules["networks"]
+        assert not any("forward" in vars(m) for n in networks.loaded_networks for m in n.modules.values())
+    finally:
+        # Not ScaleFusion's: the same three requests without it leave the text encoder's LoRA merge behind too
+        # (the functional request takes its conds from the cache, so the text encoder's merged weights are never
+        # restored there) and the next plain image a level off; reload and forget the cached conds.
+        reload_exact_weights()
     assert_clean(webui, txt2img, fresh_plain)
