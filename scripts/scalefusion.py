@@ -12,7 +12,6 @@ from modules import script_callbacks, scripts, shared
 from lib_hires.settings import DF, FIELDS, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import demofusion_summary, scalecrafter_summary
 from lib_hires.webui import decoding, job, model_info, options, ui, xyz
-from lib_hires.webui.scalecrafter_pass import on_cfg_denoiser
 
 try:
     from modules.infotext_utils import PasteField
@@ -94,7 +93,7 @@ class ScaleFusionScript(scripts.Script):
         return self.accordion.components
 
     def before_process(self, p, *args):
-        job.begin(p, args, options.defaults(shared.opts))
+        job.begin(p, args, lambda: options.defaults(shared.opts, getattr(p, "override_settings", None)))
 
     def process(self, p, *args):
         active = job.job_of(p)
@@ -116,7 +115,7 @@ class ScaleFusionScript(scripts.Script):
             active.finish()
 
 
-script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+script_callbacks.on_cfg_denoiser(job.on_cfg_denoiser)
 script_callbacks.on_ui_settings(lambda: options.register(shared))
 # The API-only server builds the script UIs before on_before_ui fires, so the axes are added now as well
 # (the X/Y/Z script, in the WebUI's own scripts folder, is loaded before any extension).

@@ -90,6 +90,31 @@ def disperse_weight(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tens
     return out.unflatten(2, (large, large)).to(weight.dtype)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes convs and matmuls in on ``device_type``, or None where it is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+        if not enabled:
+            return None
+        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a vanilla ``conv2d(x, weight)`` computes in here: autocast's where autocast is on for ``x``'s
+    device (it casts a float8-stored weight, as the WebUI's fp8 storage relies on), else ``x``'s own.
+
+    Autocast only casts the inputs of out-of-place ops, so a path made of several ops (an in-place
+    accumulation, a resize, a product with a weight-derived tensor) casts its operands to this dtype itself.
+    """
+    autocast = _autocast_dtype(x.device.type)
+    if autocast is None or x.dtype == torch.float64:  # autocast leaves float64 alone
+        return x.dtype
+    return autocast
+
+
 def dispersed_conv2d(x: torch.Tensor, weight3: torch.Tensor, bias: torch.Tensor | None, transform: torch.Tensor, *,
                      stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
     """``conv2d(x, disperse_weight(weight3, transform), bias, stride, padding, dilation)``, never forming that kernel.
@@ -119,8 +144,11 @@ def dispersed_conv2d(x: torch.Tensor, weight3: torch.Tensor, bias: torch.Tensor 
     if transform.dim() != 2 or transform.shape[1] != taps or large * large != transform.shape[0]:
         raise ValueError(f"dispersed_conv2d: transform {tuple(transform.shape)} does not map {kh}x{kw} kernels "
                          f"to square ones")
+    dtype = compute_dtype(x)
+    x, weight3 = x.to(dtype), weight3.to(dtype)  # no-ops unless autocast is on or the weight is stored as fp8
+    bias = None if bias is None else bias.to(dtype)
     batch = x.shape[0]
-    basis = transform.to(device=x.device, dtype=x.dtype).T.reshape(taps, 1, large, large)
+    basis = transform.to(device=x.device, dtype=dtype).T.reshape(taps, 1, large, large)
     chunk = min(in_channels, max(1, max(in_channels, out_channels) // taps))
     depthwise = basis.repeat(chunk, 1, 1, 1)
     mix = weight3.reshape(out_channels, in_channels * taps)  # column i*taps + n: input channel i, tap n

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispersion import dispersed_conv2d, dispersion_transform
+from .dispersion import compute_dtype, dispersed_conv2d, dispersion_transform
 
 MAX_FACTOR = 16.0
 _EPS = 1e-9
@@ -51,7 +51,12 @@ def redilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     With ``transform`` (a dispersion transform ``R``, ``L*L x k*k``) the conv uses the dispersed ``L x L``
     kernels of ``weight`` (padding ``D*(L-1)/2``), computed by ``dispersed_conv2d`` without forming them;
     ``groups`` must then be 1.
+
+    Everything runs in the dtype the vanilla conv would compute in (``compute_dtype``: autocast's, else the
+    input's), also the resizes, and the result has that dtype; in float32 without autocast nothing is cast.
     """
+    dtype = compute_dtype(x)
+    x = x.to(dtype)
     dilation = integer_dilation(factor)
     height, width = x.shape[-2:]
     stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride, stride)
@@ -72,7 +77,7 @@ def redilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                              groups=groups)
     if tuple(y.shape[-2:]) != tuple(out_size):
         y = F.interpolate(y, size=tuple(out_size), mode="bilinear", align_corners=False)
-    return y
+    return y.to(dtype)  # a CPU autocast may run resizes in float32
 
 
 def check_factor(where: str, factor) -> float:
@@ -92,10 +97,10 @@ class _Transform:
         self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def on(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.device, like.dtype)
+        key = (like.device, compute_dtype(like))
         r = self._copies.get(key)
         if r is None:
-            r = self._copies[key] = self._r.to(device=like.device, dtype=like.dtype)
+            r = self._copies[key] = self._r.to(device=key[0], dtype=key[1])
         return r
 
 
@@ -115,6 +120,10 @@ class ConvHook:
         self.factor = 1.0
         self.dispersed = False
         self.detached = False
+
+    @property
+    def conv(self) -> nn.Conv2d | None:
+        return self._conv()
 
     def __call__(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         factor = self.factor

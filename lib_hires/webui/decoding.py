@@ -109,19 +109,33 @@ def post_sample(p, ps) -> None:
 class LargeOutputGuard:
     """Installed for the duration of ``p.sample``: small live previews and tiled decodes of big latents.
 
-    Two instance patches, undone by ``remove()``: ``shared.state.do_set_current_image`` (the progress
-    thread's preview decode) and ``sd_model.decode_first_stage`` (every full VAE decode of the model).
+    Instance patches, undone by ``remove()``: ``shared.state.do_set_current_image`` (the progress thread's
+    preview decode) and ``decode_first_stage`` of every model the job samples with (every full VAE decode of
+    it): the model ``p.sample`` starts with, and each one a hires checkpoint or a refiner switches to
+    (``attach``), since the hires pass decodes its result inside ``p.sample`` on its own model.
     A decode asked for inside a denoiser step (``in_step``, see :class:`StepPreviews`) is the live preview
     that ``--medvram`` / ``--lowvram`` make there instead of in the progress thread: it is shrunk too.
     """
 
     def __init__(self, sd_model, state, choose=tile_for):
-        self._decode_first_stage = sd_model.decode_first_stage
         self._set_preview = state.do_set_current_image
-        self.sd_model, self.state, self.choose = sd_model, state, choose
+        self.state, self.choose = state, choose
         self.in_step = False
-        self.patches = [InstancePatch(state, "do_set_current_image", self._preview),
-                        InstancePatch(sd_model, "decode_first_stage", self._decode)]
+        self.models: list = []
+        self.patches = [InstancePatch(state, "do_set_current_image", self._preview)]
+        self.attach(sd_model)
+
+    def attach(self, sd_model) -> None:
+        """Guards the decodes of ``sd_model`` too (idempotent per model object)."""
+        if any(model is sd_model for model in self.models):
+            return
+        original = sd_model.decode_first_stage
+
+        def decode_first_stage(z, *args, **kwargs):
+            return self._decode(z, *args, _model=(sd_model, original), **kwargs)
+
+        self.models.append(sd_model)
+        self.patches.append(InstancePatch(sd_model, "decode_first_stage", decode_first_stage))
 
     def _preview(self):
         latent = self.state.current_latent
@@ -129,20 +143,64 @@ class LargeOutputGuard:
             self.state.current_latent = shrink_latent(latent)
         return self._set_preview()
 
-    def _decode(self, z, *args, **kwargs):
+    def _decode(self, z, *args, _model, **kwargs):
+        sd_model, decode_first_stage = _model
         if not (isinstance(z, torch.Tensor) and z.dim() == 4):
-            return self._decode_first_stage(z, *args, **kwargs)
+            return decode_first_stage(z, *args, **kwargs)
         if self.in_step:
             z = shrink_latent(z)
-        tile = self.choose(self.sd_model, z)
+        tile = self.choose(sd_model, z)
         if tile is None:
-            return self._decode_first_stage(z, *args, **kwargs)
-        return tiled_decode(lambda part: self._decode_first_stage(part, *args, **kwargs), z, tile=tile,
+            return decode_first_stage(z, *args, **kwargs)
+        return tiled_decode(lambda part: decode_first_stage(part, *args, **kwargs), z, tile=tile,
                             overlap=default_overlap(tile))
 
     def remove(self) -> None:
         for patch in reversed(self.patches):
             patch.remove()
+
+
+class SmallPreviewDecoder:
+    """An instance patch on a preview decoder module (TAESD's, the Approx NN) that shrinks the latents given it
+    inside a step.
+
+    With ``--medvram`` / ``--lowvram`` the WebUI decodes the live preview inside the denoiser step
+    (``sd_samplers_common.store_latent``); with the TAESD or Approx NN preview method that decode goes through
+    ``sd_vae_taesd.decoder_model()`` / ``sd_vae_approx.model()``, not through ``decode_first_stage``, and a
+    4096-px latent would cost several GB there.
+    """
+
+    def __init__(self, decoder, guard: LargeOutputGuard):
+        self.decoder, self._forward, self.guard = decoder, decoder.forward, guard
+        self.patch = InstancePatch(decoder, "forward", self)
+
+    def __call__(self, z, *args, **kwargs):
+        if self.guard.in_step and isinstance(z, torch.Tensor) and z.dim() == 4:
+            z = shrink_latent(z)
+        return self._forward(z, *args, **kwargs)
+
+    def remove(self) -> None:
+        self.patch.remove()
+
+
+def step_preview_decoder(opts, shared, lowvram, sd_vae_taesd, sd_vae_approx):
+    """The preview decoder module the in-step preview will use (TAESD's or the Approx NN), or None where no
+    in-step preview runs or it goes through ``decode_first_stage`` (guarded by ``LargeOutputGuard``).
+
+    The same conditions as ``store_latent`` and ``samples_to_images_tensor``: previews on, no parallel
+    preview thread (``--medvram``/``--lowvram``), the method, with "Full" becoming "Approx NN" under
+    ``--lowvram``. Getting the module is what that preview does anyway (it loads it once per model kind).
+    """
+    if not (opts.live_previews_enable and opts.show_progress_every_n_steps > 0) or shared.parallel_processing_allowed:
+        return None
+    method = opts.show_progress_type
+    if method == "Full" and lowvram.is_enabled(shared.sd_model) and not opts.live_preview_allow_lowvram_full:
+        method = "Approx NN"
+    if method == "TAESD":
+        return sd_vae_taesd.decoder_model()
+    if method == "Approx NN":
+        return sd_vae_approx.model()
+    return None
 
 
 class StepPreviews:

@@ -8,6 +8,7 @@ start of the next job, so no hook outlives the job that armed it.
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 from lib_hires.settings import DF, SC, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import short_source, size_warnings
@@ -15,12 +16,29 @@ from lib_hires.summary import short_source, size_warnings
 from . import decoding, model_info, xyz
 from .demofusion_sampler import (DemoFusionRun, FinalSizeConditioning, refiner_reason, sampler_reason, stage_plan,
                                  unsupported_reason)
+from .lora_functional import functional_networks
 from .messages import RequestError, log
 from .scalecrafter_pass import ScaleCrafterPass, plan_for_latent
+from .scalecrafter_pass import on_cfg_denoiser as capture_cfg_params
 
 JOB_ATTR = "scalefusion_job"
 MAX_SIDE = 8192
 _live_hooks: "weakref.WeakSet" = weakref.WeakSet()   # anything with remove() that a pass installed
+
+
+class _Current:
+    job: "Job | None" = None   # the job inside its p.sample, for the on_cfg_denoiser callback
+
+
+_current = _Current()
+
+
+def on_cfg_denoiser(params) -> None:
+    """``script_callbacks.on_cfg_denoiser`` (registered once by the Script): inert unless a job is sampling."""
+    job = _current.job
+    if job is not None:
+        job.follow_sampler(params)  # first: a refiner switch re-arms the pass before its params are kept
+    capture_cfg_params(params)
 
 
 def remove_all_hooks() -> None:
@@ -42,13 +60,18 @@ def _refuse(p, message: str) -> None:
 class Job:
     def __init__(self, p, settings: ScaleFusionSettings):
         self.settings = settings
+        self.p = p
         self.info: model_info.ModelInfo | None = None
+        self.model = None          # the model object self.info and the armed hooks were made for
+        self.unsupported: str | None = None  # why ScaleCrafter cannot run on self.model, where it cannot
         self.hooks: list = []      # this pass's hooks
+        self.armed: tuple | None = None  # (latent size, CFG denoiser, infotext key) of this pass's ScaleCrafter
         self.guard: decoding.LargeOutputGuard | None = None  # for all of p.sample: previews and decodes
         original_sample = p.sample
         self.run = DemoFusionRun(p, self, original_sample) if settings.method == DF else None
 
         def sample(*args, **kwargs):
+            self.model = p.sd_model
             self.info = self._check_model(p)  # here, not in before_process: the checkpoint may change in between
             if self.info is not None:
                 self._check_request(p)
@@ -57,6 +80,7 @@ class Job:
                     from modules import shared
                     self.guard = decoding.LargeOutputGuard(p.sd_model, shared.state)
                     _live_hooks.add(self.guard)
+                    _current.job = self
                 if self.run is not None and self.info is not None:
                     return self.run(*args, **kwargs)
                 return original_sample(*args, **kwargs)
@@ -118,19 +142,61 @@ class Job:
     def start_pass(self, p, x) -> None:
         """``process_before_every_sampling``: arms what this pass needs for the latent about to be sampled."""
         self.end_pass()
-        if self.info is None:
+        if self.guard is None:  # the job does nothing (an sd_unet replacement was active at the start)
             return
+        self.guard.attach(p.sd_model)  # a hires pass on another checkpoint decodes on that model
         cfg_denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
-        if self.guard is not None and cfg_denoiser is not None:
+        if cfg_denoiser is not None:
             self._add(decoding.StepPreviews(cfg_denoiser, self.guard))
+            self._watch_step_previews()
         if self.run is not None:
             self._start_demofusion_pass(p, x)
             return
         is_hires = bool(getattr(p, "is_hr_pass", False))
+        key = "ScaleCrafter hires preset" if is_hires else "ScaleCrafter preset"
+        switched = p.sd_model is not self.model
+        runnable = self._follow_model(p)
         if getattr(p, "enable_hr", False) and not self.settings.applies_to_pass(is_hires):
             return
-        self._arm_scalecrafter(p, tuple(x.shape[-2:]), p.sampler.model_wrap_cfg,
-                               "ScaleCrafter hires preset" if is_hires else "ScaleCrafter preset")
+        if not runnable:
+            if switched:
+                self._say_vanilla(p, key, self.unsupported)
+            return
+        self.armed = (tuple(x.shape[-2:]), cfg_denoiser, key)
+        self._arm_scalecrafter(p, *self.armed)
+
+    def _follow_model(self, p) -> bool:
+        """Describes the model that samples now where it is another object than the one described last
+        (a hires pass on another checkpoint, a refiner); False where ScaleCrafter cannot run on it at all."""
+        if p.sd_model is self.model:
+            return self.info is not None
+        self.model, self.unsupported = p.sd_model, None
+        try:
+            self.info = self._check_model(p)
+        except RequestError as error:  # raised here, the WebUI would swallow it: this model runs vanilla, said so
+            self.info, self.unsupported = None, str(error)
+        if self.info is None and self.unsupported is None:
+            self.unsupported = "an sd_unet replacement bypasses the UNet's modules"
+        return self.info is not None
+
+    def follow_sampler(self, params) -> None:
+        """``on_cfg_denoiser``, before the UNet runs: the refiner switch (``apply_refiner``) has just reloaded
+        the model at the start of this denoiser call. Hooks built for the previous model object come off; the
+        pass is armed again on the model that samples now, or runs vanilla where no preset fits it."""
+        p = self.p
+        if self.armed is None or params.denoiser is not self.armed[1] or p.sd_model is self.model:
+            return
+        if self.guard is not None:
+            self.guard.attach(p.sd_model)
+            self._watch_step_previews()  # TAESD and Approx NN have a decoder per model kind
+        latent_hw, cfg_denoiser, key = self.armed
+        for hook in [h for h in self.hooks if isinstance(h, ScaleCrafterPass)]:
+            self._discard(hook)
+        refiner_key = key.replace(" preset", " refiner preset")
+        if not self._follow_model(p):
+            self._say_vanilla(p, refiner_key, self.unsupported)
+            return
+        self._arm_scalecrafter(p, latent_hw, cfg_denoiser, refiner_key)
 
     def _start_demofusion_pass(self, p, x) -> None:
         stage, redilation = self.run.stage, self.settings.redilation
@@ -146,13 +212,34 @@ class Job:
             self._arm_scalecrafter(p, stage.sample_size, None, f"DemoFusion stage {stage.index} global preset")
 
     def _arm_scalecrafter(self, p, latent_hw, cfg_denoiser, infotext_key: str) -> None:
-        plan = plan_for_latent(self.info, self.settings, latent_hw)
+        try:
+            plan = plan_for_latent(self.info, self.settings, latent_hw)
+        except SettingsError as error:
+            # The job's first model was checked before sampling; this is a model switched to since.
+            self._say_vanilla(p, infotext_key, str(error))
+            return
         p.extra_generation_params[infotext_key] = short_source(plan.preset.source)
         log(plan.describe())
         for warning in size_warnings(plan.width, plan.height):
             log(f"warning: {warning}")
         if not plan.is_noop:
-            self._add(ScaleCrafterPass(plan, self.info, cfg_denoiser, p.sd_model))
+            self._add(ScaleCrafterPass(plan, self.info, cfg_denoiser, p.sd_model, functional_networks()))
+
+    @staticmethod
+    def _say_vanilla(p, infotext_key: str, reason: str) -> None:
+        name = getattr(getattr(p.sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "this model"
+        log(f"warning: {name} runs without ScaleCrafter ({reason})")
+        p.extra_generation_params[infotext_key] = f"none ({name}: {reason})"
+
+    def _watch_step_previews(self) -> None:
+        from modules import lowvram, sd_vae_approx, sd_vae_taesd, shared
+        try:
+            decoder = decoding.step_preview_decoder(shared.opts, shared, lowvram, sd_vae_taesd, sd_vae_approx)
+        except Exception as error:  # noqa: BLE001 - the WebUI's own preview reports it again in the step
+            log(f"warning: the preview decoder did not load ({error}); in-step previews are not shrunk")
+            return
+        if decoder is not None and not any(getattr(h, "decoder", None) is decoder for h in self.hooks):
+            self._add(decoding.SmallPreviewDecoder(decoder, self.guard))
 
     def _add(self, hook) -> None:
         self.hooks.append(hook)
@@ -162,13 +249,21 @@ class Job:
     def active(self) -> ScaleCrafterPass | None:
         return next((h for h in self.hooks if isinstance(h, ScaleCrafterPass)), None)
 
+    def _discard(self, hook) -> None:
+        hook.remove()
+        _live_hooks.discard(hook)
+        self.hooks.remove(hook)
+
     def end_pass(self) -> None:
+        self.armed = None
         while self.hooks:
             hook = self.hooks.pop()
             hook.remove()
             _live_hooks.discard(hook)
 
     def _remove_guard(self) -> None:
+        if _current.job is self:
+            _current.job = None
         if self.guard is not None:
             self.guard.remove()
             _live_hooks.discard(self.guard)
@@ -179,12 +274,31 @@ class Job:
         self._remove_guard()
 
 
-def begin(p, args, defaults: ScaleFusionSettings) -> Job | None:
-    """``before_process``: parses the settings, refuses what cannot work, wraps ``p.sample``."""
+OWN_INFOTEXT_PREFIXES = (TITLE, "ScaleCrafter ", "DemoFusion ")  # every key the extension writes starts so
+
+
+def _own_infotext_key(key: str) -> bool:
+    return key == TITLE or key.startswith(OWN_INFOTEXT_PREFIXES)
+
+
+def fresh_infotext(p) -> None:
+    """Gives ``p`` its own ``extra_generation_params`` without the extension's keys: X/Y/Z plot cells are
+    shallow copies (``copy(p)``) sharing one dict, so what one cell wrote would describe the next."""
+    p.extra_generation_params = {k: v for k, v in (p.extra_generation_params or {}).items()
+                                 if not _own_infotext_key(k)}
+
+
+def begin(p, args, defaults: Callable[[], ScaleFusionSettings]) -> Job | None:
+    """``before_process``: parses the settings, refuses what cannot work, wraps ``p.sample``.
+
+    ``defaults()`` gives the user's saved defaults with this request's ``override_settings`` applied (the
+    WebUI applies those to the options only after ``before_process``).
+    """
     remove_all_hooks()
     setattr(p, JOB_ATTR, None)
+    fresh_infotext(p)
     try:
-        settings = ScaleFusionSettings.from_script_args(args, defaults)
+        settings = ScaleFusionSettings.from_script_args(args, defaults())
         overrides = xyz.overrides_of(p)
         if overrides:
             settings = settings.replace(**overrides)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lib_hires.scalecrafter import UNetLayout, infer_family, scan_unet, training_size
+from lib_hires.scalecrafter.layout import canonical_layout
 from lib_hires.settings import TITLE
 
 
@@ -21,6 +22,22 @@ class ModelInfo:
     train_size: int      # pixels per side the model was trained at
     unet: nn.Module      # shared.sd_model.model.diffusion_model
     layout: UNetLayout
+
+    @property
+    def preset_mismatch(self) -> str | None:
+        """Why the family's ScaleCrafter presets do not fit this UNet, or None where they do.
+
+        The presets name levels of the family's published UNet (SDXL: 3 levels); a UNet of the family with
+        another depth, as the SDXL refiner (4 levels, 384 channels), would get the factors of other layers.
+        """
+        expected = canonical_layout(self.family).levels
+        if self.layout.levels == expected:
+            return None
+        conv_in = next((m for m in self.unet.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = f", {conv_in.out_channels} channels" if conv_in is not None else ""
+        return (f"this {self.family.upper()} UNet has {self.layout.levels} levels{channels}; the ScaleCrafter "
+                f"presets of {self.family.upper()} are for its {expected}-level UNet (e.g. the SDXL refiner has "
+                f"no preset)")
 
     @property
     def window(self) -> int:

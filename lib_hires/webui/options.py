@@ -1,11 +1,11 @@
 """The ScaleFusion section of the WebUI settings: defaults for every setting of the accordion."""
 from __future__ import annotations
 
-import gradio as gr
+from typing import Any, Mapping
 
-from lib_hires.settings import FIELDS, Field, ScaleFusionSettings, SettingsError
+from lib_hires.settings import FIELDS, TITLE, Field, ScaleFusionSettings, SettingsError
 
-from . import decoding, ui
+from . import decoding
 
 SECTION = ("scalefusion", "ScaleFusion")
 
@@ -16,6 +16,9 @@ def option_key(f: Field) -> str:
 
 def register(shared) -> None:
     """``script_callbacks.on_ui_settings`` callback."""
+    import gradio as gr
+
+    from . import ui  # gradio and the WebUI's components: only where the settings page is built
     for f in FIELDS[1:]:  # "enabled" stays a per-generation choice
         component, args = ui.component_for(f)
         label = f"Default: {f.label}" + (f" ({f.method})" if f.method else "")
@@ -28,12 +31,23 @@ def register(shared) -> None:
         "smaller when free memory is short"))
 
 
-def defaults(opts) -> ScaleFusionSettings:
-    """The user's defaults; a saved value that is no longer valid falls back to the built-in default."""
+def defaults(opts, override_settings: Mapping[str, Any] | None = None) -> ScaleFusionSettings:
+    """The user's defaults, with a request's ``override_settings`` of ours applied over them.
+
+    A saved value that is no longer valid falls back to the built-in default; an invalid override is an
+    error naming it (the request asked for it explicitly).
+    """
     values = {}
     for f in FIELDS[1:]:
         try:
             values[f.name] = f.check(opts.data.get(option_key(f), f.to_ui(f.default)))
         except SettingsError:
             values[f.name] = f.default
+        key = option_key(f)
+        if override_settings and key in override_settings:
+            try:
+                values[f.name] = f.check(override_settings[key])
+            except SettingsError as error:
+                raise SettingsError(f"{TITLE}: override_settings[{key!r}]: "
+                                    f"{str(error).removeprefix(TITLE + ': ')}") from None
     return ScaleFusionSettings(**values)

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from lib_hires.scalecrafter import ScaleCrafterController, ScaleCrafterPlan, build_plan
-from lib_hires.settings import ScaleFusionSettings
+from lib_hires.settings import ScaleFusionSettings, SettingsError
 
+from .lora_functional import FunctionalLoraDeltas
 from .model_info import ModelInfo
 
 
@@ -33,6 +34,10 @@ def on_cfg_denoiser(params) -> None:
 
 
 def plan_for_latent(info: ModelInfo, settings: ScaleFusionSettings, latent_hw: tuple[int, int]) -> ScaleCrafterPlan:
+    """The plan for a latent of ``latent_hw`` on this model; SettingsError where it has none."""
+    mismatch = info.preset_mismatch
+    if mismatch:
+        raise SettingsError(mismatch)
     height, width = latent_hw
     return build_plan(info.family, width * 8, height * 8, settings.scalecrafter(), layout=info.layout,
                       train_size=info.train_size)
@@ -50,9 +55,14 @@ def _condition_dict(sd_model, uncond, image_cond) -> dict:
 class ScaleCrafterPass:
     """Hooks for one pass; ``remove()`` undoes all of them and is safe to call twice."""
 
-    def __init__(self, plan: ScaleCrafterPlan, info: ModelInfo, cfg_denoiser, sd_model):
+    def __init__(self, plan: ScaleCrafterPlan, info: ModelInfo, cfg_denoiser, sd_model, lora_networks=()):
         self.plan = plan
         self.controller = ScaleCrafterController(info.unet, plan)
+        try:  # lora_functional: the networks' conv deltas go through the same re-dilated convs
+            self.lora_deltas = FunctionalLoraDeltas(self.controller.handle.hooks, lora_networks)
+        except BaseException:
+            self.controller.remove()
+            raise
         self.cfg_denoiser = cfg_denoiser
         self.sd_model = sd_model
         self.base_evaluations = 0
@@ -64,10 +74,23 @@ class ScaleCrafterPass:
             self._patched = True
             _capture.denoiser, _capture.params = cfg_denoiser, None
 
-    def _base_uncond(self, x_out: torch.Tensor, uncond, cond_scale: float) -> torch.Tensor | None:
+    def _guided(self, x_out: torch.Tensor, conds_list, rows: int, cond_scale: float) -> bool:
+        """Whether ``combine_denoised`` guides with the uncond rows; not where the WebUI skipped them.
+
+        ``CFGDenoiser.forward`` passes ``cond_scale * cond_scale_miltiplier`` when it guides and a literal 1.0
+        when it skipped the uncond rows (NGMS, skip early CFG), putting copies of cond rows there. Without a
+        multiplier 1.0 is also plain "no guidance". DDIM CFG++ multiplies by 1/12.5, so its CFG scale 12.5 gives
+        1.0 too: guided unless the uncond rows are those copies.
+        """
+        if cond_scale != 1.0:
+            return True
+        if getattr(self.cfg_denoiser, "cond_scale_miltiplier", 1.0) == 1.0:
+            return False
+        first_cond_rows = [conds[0][0] for conds in conds_list]
+        return not torch.equal(x_out[-rows:], x_out[first_cond_rows])
+
+    def _base_uncond(self, x_out: torch.Tensor, conds_list, uncond, cond_scale: float) -> torch.Tensor | None:
         """The uncond prediction of the noise-damped base UNet, or None where plain CFG applies."""
-        if cond_scale == 1.0:  # no guidance, or the WebUI skipped the uncond rows (NGMS, skip early CFG)
-            return None
         call = self.controller.last_call
         params = _capture.params
         if call is None or params is None or params.denoiser is not self.cfg_denoiser:
@@ -75,6 +98,8 @@ class ScaleCrafterPass:
         if self.plan.base_at(call[0]) is None:
             return None
         rows = uncond["crossattn"].shape[0] if isinstance(uncond, dict) else uncond.shape[0]
+        if not self._guided(x_out, conds_list, rows, cond_scale):
+            return None
         x, sigma, image_cond = params.x[-rows:], params.sigma[-rows:], params.image_cond[-rows:]
         with self.controller.base_pass():
             base = self.cfg_denoiser.inner_model(x, sigma, cond=_condition_dict(self.sd_model, uncond, image_cond))
@@ -83,15 +108,20 @@ class ScaleCrafterPass:
 
     def _combine(self, x_out, conds_list, uncond, cond_scale):
         combined = self._original_combine(x_out, conds_list, uncond, cond_scale)
-        base = self._base_uncond(x_out, uncond, cond_scale)
+        base = self._base_uncond(x_out, conds_list, uncond, cond_scale)
         if base is None:
             return combined
+        if getattr(self.cfg_denoiser, "need_last_noise_uncond", False):
+            # DDIM CFG++ re-noises along the uncond prediction it keeps here (set just before this call);
+            # under noise damping that role is the base UNet's.
+            self.cfg_denoiser.last_noise_uncond = base.clone()
         # combine_denoised is d_uncond + sum_k w_k s (d_k - d_uncond); swapping the leading d_uncond for
         # the base prediction gives ScaleCrafter's base_uncond + w (d_cond - d_uncond), and keeps any other
         # extension's combine_denoised patch in the chain.
         return combined + (base - x_out[-base.shape[0]:])
 
     def remove(self) -> None:
+        self.lora_deltas.remove()
         self.controller.remove()
         if self._patched:
             self._patched = False

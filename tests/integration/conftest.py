@@ -176,31 +176,35 @@ def fresh_plain(txt2img):
 
 
 @pytest.fixture
-def perturbed_checkpoint(webui):
-    """A second checkpoint: tiny-sd1 with its UNet weights perturbed, saved beside it (its own yaml), listed
-    for the WebUI while the test runs and removed after. Yields its name."""
+def perturbed_checkpoint(webui, request):
+    """A second SD1 checkpoint made from the fixture for this test: the UNet weights perturbed, saved beside
+    ``tiny-sd1`` (with its yaml) under a name unique to the test, removed afterwards. Yields its name."""
+    import re
     import shutil
 
     import torch
     from safetensors.torch import load_file, save_file
     from modules import sd_models
 
-    folder = Path(sd_models.model_path)
-    source = folder / "tiny-sd1.safetensors"
-    name = f"tiny-sd1-perturbed-{os.getpid()}"
-    target, yaml = folder / f"{name}.safetensors", folder / f"{name}.yaml"
-    weights = load_file(str(source))
-    generator = torch.Generator().manual_seed(0)
-    for key, value in weights.items():
-        if key.startswith("model.diffusion_model.") and value.is_floating_point():
-            noise = torch.randn(value.shape, generator=generator)
-            weights[key] = (value.float() + 0.05 * value.float().std().nan_to_num() * noise).to(value.dtype)
+    source = Path(sd_models.get_closet_checkpoint_match("tiny-sd1").filename)
+    name = "tiny-sd1-perturbed-" + re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")[:60]
+    target, yaml = source.with_name(f"{name}.safetensors"), source.with_name(f"{name}.yaml")
+    gen = torch.Generator().manual_seed(11)
+    weights = {k: v + 0.2 * v.float().std().nan_to_num().to(v.dtype) * torch.randn(v.shape, generator=gen).to(v.dtype)
+               if k.startswith("model.diffusion_model.") and v.is_floating_point() else v
+               for k, v in load_file(str(source)).items()}
     save_file(weights, str(target))
-    shutil.copyfile(folder / "tiny-sd1.yaml", yaml)
+    shutil.copy(source.with_suffix(".yaml"), yaml)
     sd_models.list_models()
     try:
         yield name
     finally:
+        for model in list(sd_models.model_data.loaded_sd_models):  # never leave it loaded behind the next test
+            if Path(model.sd_checkpoint_info.filename) == target and model is not webui.sd_model:
+                sd_models.model_data.loaded_sd_models.remove(model)
+                sd_models.send_model_to_trash(model)
+        if Path(webui.sd_model.sd_checkpoint_info.filename) == target:
+            sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-sd1"))
         target.unlink(missing_ok=True)
         yaml.unlink(missing_ok=True)
         sd_models.list_models()
