@@ -19,6 +19,8 @@ def _component(f: Field):
         return gr.Checkbox, {}
     if f.kind == "choice":
         return gr.Radio, {"choices": list(f.choices)}
+    if f.kind == "stages":
+        return gr.Textbox, {}
     return gr.Slider, {"minimum": 0 if f.auto else f.low, "maximum": f.high,
                        "step": f.step or (1 if f.kind == "int" else 0.01)}
 

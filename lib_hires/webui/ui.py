@@ -30,6 +30,8 @@ def _component(f: Field, value, elem_id: Callable[[str], str]):
         return gr.Checkbox(**common)
     if f.kind == "choice":
         return gr.Radio(choices=list(f.choices), **common)
+    if f.kind == "stages":
+        return gr.Textbox(placeholder="automatic", lines=1, **common)
     low = 0 if f.auto else f.low
     return gr.Slider(minimum=low, maximum=f.high, step=f.step or (1 if f.kind == "int" else 0.01), **common)
 
