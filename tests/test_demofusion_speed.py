@@ -149,15 +149,16 @@ def test_the_local_views_are_skipped_where_their_weight_is_zero(schedule, monkey
     assert torch.equal(out, full(x, sigma, cond=cond_for(1))) and full.model_calls == 4
 
 
-@pytest.mark.parametrize("cosine_scale_2", [1.0, 10.0])
-def test_a_whole_run_with_the_savings_is_the_run_without_them_within_1e_6(compvis, monkeypatch, cosine_scale_2):
+def test_a_whole_run_with_the_savings_is_the_run_without_them_within_1e_6(compvis, monkeypatch):
     """Six Euler steps per stage at t = 999, 799, 599, 400, 200, 0: c2 is 0 at t = 0 and, with cosine scale 2
-    at 10, 6e-11 at t = 200 (0.0955^10), below 2^-24, so the dilated-only calls of two steps are skipped."""
-    plan = plan_stages(64, 64, 3, window=8)
+    at 10, 6e-11 at t = 200 (0.0955^10), below 2^-24, so the dilated-only calls of two steps are skipped.
+    (At the default cosine scale only t = 0 qualifies; the regression fingerprints show that run bit-identical.)"""
+    cosine_scale_2 = 10.0
+    plan = plan_stages(64, 64, 2, window=8)
     sigmas = compvis.get_sigmas(6)
     t = compvis.sigma_to_t(sigmas[:-1])
     negligible = int((fusion_weight(t, cosine_scale_2) <= NEGLIGIBLE_WEIGHT).sum())
-    assert negligible == (2 if cosine_scale_2 == 10 else 1)
+    assert negligible == 2
     context = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(0))
     settings = DemoFusionSettings(window=8, stride=4, view_batch=4, cosine_scale_2=cosine_scale_2)
 
@@ -172,13 +173,31 @@ def test_a_whole_run_with_the_savings_is_the_run_without_them_within_1e_6(compvi
     saving_out, saving = run()
     _no_savings(monkeypatch)
     full_out, full = run()
-    # stage x2: 9 views + 4 samples (all 8x8) in calls of 4: 2 of views, 1 mixed, 1 of a sample only;
-    # stage x3: 25 views + 9 samples: 6 calls of views, 1 mixed, 2 of samples only
-    assert [f.skipped_calls for f in saving] == [negligible * 1, negligible * 2]
-    assert [f.skipped_views for f in saving] == [negligible * 1, negligible * 6]
+    # stage x2: 9 views + 4 samples (all 8x8) in calls of 4: 2 of views, 1 mixed, 1 of a sample only
+    assert [f.skipped_calls for f in saving] == [f.skipped_views for f in saving] == [negligible]
     assert [f.model_calls + f.skipped_calls for f in saving] == [f.model_calls for f in full]
     assert all(f.skipped_calls == 0 for f in full)
     scale = full_out.abs().max()
     assert float((saving_out - full_out).abs().max() / scale) <= 1e-6
-    if cosine_scale_2 == 1.0:  # only exact zeros were dropped
-        assert torch.equal(saving_out, full_out)
+
+
+def test_xyz_axes_for_the_levers_parse_their_values():
+    from types import SimpleNamespace
+
+    from lib_hires.webui import xyz
+
+    made = []
+    grid = SimpleNamespace(AxisOption=lambda label, kind, apply, confirm=None, choices=None:
+                           made.append(SimpleNamespace(label=label, kind=kind, apply=apply, confirm=confirm)) or made[-1])
+    axes = {a.label: a for a in xyz.axis_options(grid)}
+    plan = axes["[ScaleFusion] DemoFusion Stage plan (scales, empty = automatic)"]
+    strength = axes["[ScaleFusion] DemoFusion Stage strength"]
+    steps = axes["[ScaleFusion] DemoFusion Steps of later stages (0 = same)"]
+    assert (plan.kind, strength.kind, steps.kind) == (str, float, int)
+    p = SimpleNamespace()
+    plan.apply(p, "2 ,4", None)
+    strength.apply(p, 0.6, None)
+    steps.apply(p, 12, None)
+    assert xyz.overrides_of(p) == {"stages": "2, 4", "stage_strength": 0.6, "later_steps": 12, "enabled": True}
+    with pytest.raises(ValueError, match="stages must be"):
+        plan.confirm(p, ["2, 4", "two"])
