@@ -25,10 +25,12 @@ Hooks, both optional, run in this order for each model call:
   that function too before editing its result. The ``ModelCall`` given to ``before_call`` just before
   is the one ``view_cond`` serves, if it needs more than the crops.
 
-Exact savings: a path whose weight is at most ``NEGLIGIBLE_WEIGHT`` (half float32's epsilon) for every
-row is not evaluated and counts as zero: the local views where ``1 - c2`` is that small (near t = 1000,
-or ``cosine_scale_2 = 0``), the dilated samples where ``c2`` is (t = 0, the last step of schedules that
-end at the model's smallest sigma, and the last steps when ``cosine_scale_2 > 1``). What is dropped is
+Exact savings: where a path's weight is at most ``NEGLIGIBLE_WEIGHT`` (half float32's epsilon) for every
+row, the model calls holding only that path's views are skipped and their predictions count as zero (a
+call shared with the other path runs whole: a smaller batch would change the rounding of the rest): the
+local views where ``1 - c2`` is that small (near t = 1000, or ``cosine_scale_2 = 0``), the dilated
+samples where ``c2`` is (t = 0, the last step of schedules that end at the model's smallest sigma, and
+the last steps when ``cosine_scale_2 > 1``). What is dropped is
 ``w * D_path`` with ``w <= 2^-24``: below what float32 resolves in a result of the path's size, and
 nothing at all where ``w`` is exactly 0. The views are still drawn, so later steps see the same jitter.
 ``skipped_calls`` / ``skipped_views`` count what was saved.

@@ -133,3 +133,18 @@ def test_progress_counts_the_steps_of_later_stages(webui, txt2img, first_sigmas,
     assert [len(steps) for steps in first_sigmas] == [5, 2, 2] * 2
     assert totals[-1] == 2 * (5 + 2 + 2) == sum(map(len, first_sigmas))
     assert set(first_sigmas.job_counts) == {2 * 3}
+
+
+def test_img2img_later_stages_start_at_the_lower_strength_with_img2imgs_step_rule(img2img, first_sigmas):
+    from tests.integration.conftest import gradient_png
+
+    init = gradient_png(128)
+    plain = img2img(init_images=[init], width=128, height=128, steps=4, denoising_strength=0.5)
+    assert plain.status == 200
+    (plain_pass,) = first_sigmas
+    first_sigmas.clear()
+    staged = img2img(init_images=[init], width=128, height=128, steps=4, denoising_strength=0.8,
+                     alwayson_scripts=demofusion(scale=2, stage_strength=0.5))
+    assert staged.status == 200 and staged.size == (256, 256)
+    (stage_2,) = first_sigmas  # stage 1 is the encoded input image: not sampled
+    assert stage_2 == plain_pass and len(stage_2) == int(0.5 * 4) + 1
