@@ -22,6 +22,9 @@
         "save_stages": "also save the image of every intermediate stage",
         "low_vram": "one view per UNet call: slower, much less memory, identical result",
         "redilation": "re-dilate the UNet (ScaleCrafter preset) in the first stage and/or the global path",
+        "stage_strength": "each later stage starts at the noise level of this denoising strength, as the Hires. fix pass does (1 = the official full schedule); in img2img the lower of this and Denoising strength",
+        "stages": "the scales of the later stages, e.g. \"2, 4\" or \"1.5, 2.5, 3.2\": increasing, each at most 2x the one before, the last equal to Scale; fewer stages, fewer UNet calls",
+        "later_steps": "sampling steps of every later stage, as Hires steps (0 = the first stage's steps); with stage strength d, d x steps runs the official schedule's last steps only",
         "advanced": "settings most generations leave as they are",
         "plan": "what will happen, in detail: every layer group's dilation (ScaleCrafter) or every stage's views (DemoFusion), for the current Width/Height and model"
     };

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from .demofusion.plan import check_stage_factors, format_stage_factors, parse_stage_factors
 from .scalecrafter.settings import MULTIPLIER_RANGE, NDCFG_MODES, ScaleCrafterSettings, SettingsError
 
 TITLE = "ScaleFusion"
@@ -29,7 +30,7 @@ class Field:
     name: str                       # API key, dataclass field
     label: str                      # UI label
     infotext: str                   # infotext key
-    kind: str                       # "bool" | "choice" | "float" | "int"
+    kind: str                       # "bool" | "choice" | "float" | "int" | "stages" (scales as text)
     default: Any
     low: float | None = None
     high: float | None = None
@@ -50,6 +51,9 @@ class Field:
             return "true or false"
         if self.kind == "choice":
             return "one of " + ", ".join(f'"{c}"' for c in self.choices)
+        if self.kind == "stages":
+            return ('a string of comma-separated stage scales, e.g. "2, 4": increasing, each at most 2x the one '
+                    'before (stage 1 is x1), the last equal to scale; or "" for automatic')
         bracket = "(" if self.low_open else "["
         what = "an integer" if self.kind == "int" else "a number"
         text = f"{what} in {bracket}{self.low:g}, {self.high:g}]"
@@ -60,6 +64,13 @@ class Field:
         def fail():
             return SettingsError(f"{TITLE}: {self.name} must be {self.allowed()}; got {value!r}")
 
+        if self.kind == "stages":  # "" (or null, or "auto" as the infotext writes it) is the automatic plan
+            if value is None or (isinstance(value, str) and value.strip().lower() == self.auto):
+                return ""
+            try:
+                return format_stage_factors(parse_stage_factors(value))
+            except ValueError as error:
+                raise SettingsError(f"{TITLE}: {self.name} must be {self.allowed()}; got {value!r}: {error}") from None
         if self.auto and (value is None or (_is_number(value) and value == 0)):
             return None
         if self.kind == "bool":
@@ -84,12 +95,14 @@ class Field:
 
     def to_ui(self, value: Any) -> Any:
         """The component value; its Python type matters (the API casts pasted values to it)."""
+        if self.kind == "stages":
+            return value or ""
         if value is None and self.auto:
             return 0 if self.kind == "int" else 0.0
         return value
 
     def to_text(self, value: Any) -> str:
-        if value is None:
+        if value is None or (self.kind == "stages" and value == ""):
             return self.auto
         return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -98,6 +111,8 @@ class Field:
         if not isinstance(text, str):
             return self.check(text)
         text = text.strip()
+        if self.kind == "stages":
+            return self.check(text)
         if self.auto and text.lower() == self.auto:
             return None
         if self.kind == "bool":
@@ -168,6 +183,22 @@ FIELDS: tuple[Field, ...] = (
     Field("redilation", "ScaleCrafter inside DemoFusion", "DemoFusion re-dilation", "choice", "off",
           choices=DEMOFUSION_REDILATION, method=DF,
           help="re-dilate the UNet (ScaleCrafter preset) in the first stage and/or the global path", row=2),
+    # DemoFusion speed levers (appended: earlier positional API calls keep their meaning)
+    Field("stage_strength", "Stage strength", "DemoFusion stage strength", "float", 1.0, 0.0, 1.0, method=DF,
+          low_open=True, step=0.01,
+          help="each later stage starts at the noise level of this denoising strength, as the Hires. fix pass "
+               "does (1 = the official full schedule); in img2img the lower of this and Denoising strength",
+          advanced=False, row=1),
+    Field("stages", "Stage plan (scales, empty = automatic)", "DemoFusion stages", "stages", "", method=DF,
+          auto="auto",
+          help='the scales of the later stages, e.g. "2, 4" or "1.5, 2.5, 3.2": increasing, each at most 2x the '
+               "one before, the last equal to Scale; fewer stages, fewer UNet calls",
+          advanced=False, row=1),
+    Field("later_steps", "Steps of later stages (0 = same)", "DemoFusion later steps", "int", 0, 0, 150,
+          method=DF, step=1,
+          help="sampling steps of every later stage, as Hires steps (0 = the first stage's steps); with stage "
+               "strength d, d x steps runs the official schedule's last steps only",
+          advanced=False, row=1),
 )
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
 
@@ -193,10 +224,24 @@ class ScaleFusionSettings:
     save_stages: bool = False
     low_vram: bool = False
     redilation: str = "off"
+    stage_strength: float = 1.0
+    stages: str = ""
+    later_steps: int = 0
 
     def __post_init__(self):
         for f in FIELDS:
             object.__setattr__(self, f.name, f.check(getattr(self, f.name)))
+        if self.method == DF:
+            try:
+                check_stage_factors(self.stage_factors, self.scale)
+            except ValueError as error:
+                raise SettingsError(f"{TITLE}: stages must be {FIELD_BY_NAME['stages'].allowed()}; got "
+                                    f"{self.stages!r}: {error}") from None
+
+    @property
+    def stage_factors(self) -> tuple[float, ...]:
+        """The user's stage plan (stages 2..), ``()`` for the automatic one."""
+        return parse_stage_factors(self.stages)
 
     # construction -------------------------------------------------------------------------------
     @classmethod

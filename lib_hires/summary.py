@@ -55,12 +55,16 @@ def demofusion_summary(train_size: int, width: int, height: int, settings: Scale
     try:
         if stride > window:
             raise ValueError(f"stride must be at most the model's window of {window} latent px; got {stride}")
-        plan = plan_stages(width // 8 * 8, height // 8 * 8, settings.scale, window=window, stride=stride)
+        plan = plan_stages(width // 8 * 8, height // 8 * 8, settings.scale, window=window, stride=stride,
+                           factors=settings.stage_factors)
     except ValueError as error:
         return Summary(f"{width}×{height}: {error}", str(error), (str(error),))
     final = plan.final
     factors = " → ".join(f"×{stage.factor:.3g}" for stage in plan.stages)
     header = (f"{width}×{height} → {final.width}×{final.height} · latent {final.width // 8}×{final.height // 8} · "
               f"stages {factors}")
+    if settings.stage_strength < 1 or settings.later_steps:
+        steps = f"{settings.later_steps} steps" if settings.later_steps else "the first stage's steps"
+        header += f" · later stages from strength {settings.stage_strength:g}, {steps}"
     view_batch = 1 if settings.low_vram else settings.view_batch
     return Summary(header, plan.describe(view_batch), tuple(size_warnings(width, height)))

@@ -144,3 +144,20 @@ def test_tiled_decode_default_path():
     gen = torch.Generator().manual_seed(4)
     latent = torch.randn(1, 4, 24, 40, generator=gen)
     check("tiled-decode", tiled_decode(decoder, latent, tile=16, overlap=4))
+
+
+def test_demofusion_whole_run_through_sample_stages(k_diffusion):
+    """Three stages (x1, x2, x3) of the engine's own loop: upsample, skip residual, fused views, anchor."""
+    from lib_hires.demofusion import DemoFusionSettings, plan_stages, sample_stages
+
+    denoiser = _denoiser(k_diffusion, "sd1")
+    plan = plan_stages(64, 64, 3, window=8)
+    gen = torch.Generator().manual_seed(21)
+    noise = torch.randn(1, 4, 8, 8, generator=gen)
+    cond, _ = _conds("sd1", gen)
+    sigmas = denoiser.get_sigmas(4)
+    results = sample_stages(denoiser, plan.stages, sigmas, noise, settings=DemoFusionSettings(window=8, stride=4),
+                            sigma_to_t=denoiser.sigma_to_t, generator=torch.Generator().manual_seed(22),
+                            jitter_generator=torch.Generator().manual_seed(23), extra_args={"cond": cond})
+    assert [tuple(z.shape[-2:]) for z in results] == [(8, 8), (16, 16), (24, 24)]
+    check("demofusion-sample-stages-x3", results[-1])

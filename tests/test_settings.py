@@ -27,7 +27,7 @@ def test_positional_values_in_ui_order():
     assert values[NAMES.index("stop_at")] == 0 and isinstance(values[NAMES.index("stop_at")], float)
     # the API converts pasted infotext values to the type of the component's default value
     for f, value in zip(FIELDS, values):
-        assert isinstance(value, {"bool": bool, "choice": str, "int": int, "float": float}[f.kind]), f.name
+        assert isinstance(value, {"bool": bool, "choice": str, "int": int, "float": float, "stages": str}[f.kind]), f.name
 
 
 def test_missing_trailing_positional_values_keep_the_defaults():
@@ -66,8 +66,8 @@ def test_bad_values_name_the_field_and_the_allowed_range(data, message):
 def test_bad_positional_value_names_its_position():
     with pytest.raises(SettingsError, match=r"dilation_multiplier must be .* \(positional argument 3\)"):
         ScaleFusionSettings.from_script_args([True, "ScaleCrafter", 0, 9.0])
-    with pytest.raises(SettingsError, match="at most 19 positional arguments"):
-        ScaleFusionSettings.from_script_args([False] * 20)
+    with pytest.raises(SettingsError, match=f"at most {len(FIELDS)} positional arguments"):
+        ScaleFusionSettings.from_script_args([False] * (len(FIELDS) + 1))
 
 
 @pytest.mark.parametrize("settings", [
@@ -75,6 +75,8 @@ def test_bad_positional_value_names_its_position():
                         passes="hires"),
     ScaleFusionSettings(enabled=True, method="DemoFusion", native_size=768, scale=2.5, stride=48, view_batch=4, cosine_scale_1=2.5,
                         sigma=0.6, jitter=False, save_stages=True, low_vram=True, redilation="global path"),
+    ScaleFusionSettings(enabled=True, method="DemoFusion", scale=3.2, stages="1.5, 2.5, 3.2", stage_strength=0.6,
+                        later_steps=12),
     ScaleFusionSettings(enabled=True),
 ])
 def test_infotext_round_trip(settings):
@@ -134,3 +136,47 @@ def test_size_warnings_and_short_source():
     assert "multiples of 64 (e.g. 960 or 1024)" in size_warnings(1000, 1024)[0]
     assert short_source("official sd1.5_1024x1024") == "sd1.5_1024x1024"
     assert short_source("rule s=3 (long side 3x, short side 2x): interpolated") == "rule s=3"
+
+
+def test_the_stage_speed_fields_come_last_so_old_positional_calls_keep_their_meaning():
+    assert NAMES[-3:] == ["stage_strength", "stages", "later_steps"]
+    old = ScaleFusionSettings(enabled=True, method="DemoFusion", scale=3.0, low_vram=True).ui_values()[:-3]
+    parsed = ScaleFusionSettings.from_script_args(old)
+    assert parsed.low_vram and parsed.scale == 3.0
+    assert (parsed.stage_strength, parsed.stages, parsed.later_steps) == (1.0, "", 0)
+    new = ScaleFusionSettings.from_script_args([*old, 0.6, "2, 3", 12])
+    assert (new.stage_strength, new.stages, new.later_steps, new.stage_factors) == (0.6, "2, 3", 12, (2.0, 3.0))
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"stage_strength": 0}, r"stage_strength must be a number in \(0, 1\]; got 0"),
+    ({"stage_strength": 1.5}, r"stage_strength must be a number in \(0, 1\]; got 1.5"),
+    ({"later_steps": -1}, r"later_steps must be an integer in \[0, 150\]; got -1"),
+    ({"later_steps": 2.5}, r"later_steps must be an integer"),
+    ({"stages": 4}, r"stages must be a string of comma-separated stage scales.*expected a string"),
+    ({"scale": 4, "stages": "2, four"}, r"stages must be .*'four' is not a number"),
+    ({"scale": 4, "stages": "2, 3"}, r"stages must be .*the last scale must equal Scale \(4\); got 3"),
+    ({"scale": 4, "stages": "3, 2, 4"}, r"stages must be .*each stage may be at most 2x the one before \(x1 allows up "
+                                        r"to x2\); got x3"),
+    ({"scale": 4, "stages": "2, 2, 4"}, r"stages must be .*the scales must increase .*; 2 follows x2"),
+    ({"scale": 4, "stages": "4"}, r"stages must be .*at most 2x the one before"),
+    ({"scale": 4, "stages": "1, 2, 4"}, r"stages must be .*increase from above 1"),
+    ({"scale": 4, "stages": "2, nan, 4"}, r"stages must be .*'nan' is not a finite number"),
+])
+def test_bad_stage_settings_name_the_field_and_the_rule(data, message):
+    with pytest.raises(SettingsError, match=r"^ScaleFusion: " + message):
+        ScaleFusionSettings.from_dict({"enabled": True, "method": "DemoFusion", **data})
+
+
+def test_stage_plans_are_normalised_and_checked_against_scale_for_demofusion_only():
+    s = ScaleFusionSettings.from_dict({"method": "DemoFusion", "scale": 4, "stages": " 2 ,4.0 "})
+    assert s.stages == "2, 4" and s.stage_factors == (2.0, 4.0)
+    for automatic in ("", None, "auto", " AUTO "):
+        assert ScaleFusionSettings(method="DemoFusion", stages=automatic).stages == ""
+    # a plan left in the field does not block ScaleCrafter; its syntax is still checked
+    assert ScaleFusionSettings(method="ScaleCrafter", scale=2, stages="2, 4").stages == "2, 4"
+    with pytest.raises(SettingsError, match="stages must be"):
+        ScaleFusionSettings(method="ScaleCrafter", stages="2;4")
+    info = ScaleFusionSettings(enabled=True, method="DemoFusion", scale=4, stages="2, 4").to_infotext()
+    assert info["DemoFusion stages"] == "2, 4"
+    assert ScaleFusionSettings(enabled=True, method="DemoFusion").to_infotext()["DemoFusion stages"] == "auto"

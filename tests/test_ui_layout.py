@@ -43,19 +43,18 @@ def test_rows_of_one_method_hide_with_it_and_mixed_rows_stay():
             methods = {f.method for f in row.fields}
             assert row.method == (methods.pop() if len(methods) == 1 else None)
     assert rows(MAIN)[0].method is None  # "Method" sits in the first row for both methods
-    assert rows(MAIN)[1].method == SC
+    # the second row mixes both methods' first-row controls; each shows with its own method only
+    assert names(MAIN, SC)[1] == ["noise_damped_cfg", "dispersion", "passes"]
+    assert names(MAIN, DF)[1] == ["stage_strength", "stages", "later_steps"]
     assert all(row.method == DF for row in rows(ADVANCED)[1:])
 
 
 def test_a_new_field_lands_where_its_attributes_say(monkeypatch):
-    extra = [Field("stage_strength", "Stage strength", "DemoFusion stage strength", "float", 1.0, 0.0, 1.0,
-                   method=DF, low_open=True, help="h", advanced=False, row=1),
-             Field("stages", "Stages", "DemoFusion stages", "string", "", method=DF, help="h", advanced=False, row=1),
-             Field("later_steps", "Later steps", "DemoFusion later steps", "int", 0, 0, 150, method=DF, help="h",
+    extra = [Field("placed", "Placed", "DemoFusion placed", "float", 1.0, 0.0, 1.0, method=DF, help="h",
                    advanced=False, row=1),
              Field("unplaced", "Unplaced", "x", "bool", False, method=SC, help="h")]
     monkeypatch.setattr(ui_layout, "FIELDS", FIELDS + tuple(extra))
-    assert names(MAIN, DF)[1] == ["stage_strength", "stages", "later_steps"]
+    assert names(MAIN, DF)[1] == ["stage_strength", "stages", "later_steps", "placed"]  # in table order
     assert names(MAIN, SC)[1] == ["noise_damped_cfg", "dispersion", "passes"]
     # without placement attributes: a row of its own at the end of Advanced
     assert names(ADVANCED)[-1] == ["unplaced"] and rows(ADVANCED)[-1].method == SC

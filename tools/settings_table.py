@@ -14,6 +14,8 @@ def _type(f: Field) -> str:
         return "string: " + " / ".join(f'`"{c}"`' for c in f.choices)
     if f.kind == "bool":
         return "bool"
+    if f.kind == "stages":
+        return 'string of comma-separated scales (increasing, each <= 2x the one before, the last = `scale`), or `""` = automatic'
     bracket = "(" if f.low_open else "["
     text = f"{'int' if f.kind == 'int' else 'number'} {bracket}{f.low:g}, {f.high:g}]"
     return text + (f", or `null`/`0` = {f.auto}" if f.auto else "")

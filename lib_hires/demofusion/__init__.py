@@ -8,8 +8,10 @@ through the WebUI's own sampler (``FusedDenoiser`` as ``CFGDenoiser.inner_model`
 from .batching import ModelCall, plan_calls, repeat_rows
 from .blur import blur_kernel_size, gaussian_blur, restandardize, row_stats
 from .dilated import blurred_frame, global_prediction, merge_samples, split_samples
-from .fused import FusedDenoiser
-from .plan import Stage, StagePlan, plan_stages, stage_dilation, stage_factors
+from .fused import NEGLIGIBLE_WEIGHT, FusedDenoiser
+from .plan import (MAX_STAGE_STEP, Stage, StagePlan, check_stage_factors, format_stage_factors, parse_stage_factors,
+                   plan_stages, stage_dilation, stage_factors)
+from .schedule import LaterStart, later_stage_start, partial_sigmas, partial_steps, steps_run
 from .settings import DemoFusionSettings, default_settings
 from .stage import euler, sample_stage, sample_stages, skip_residual, stage_noise, upsample_latent
 from ..vae_tiles import tiled_decode  # re-exported: the engine API of issue 4
@@ -18,7 +20,9 @@ from .views import (DilatedView, LocalView, coverage, dilated_size, dilated_view
 from .weights import StepWeights, blur_weight, cosine_factor, fusion_weight, skip_weight, step_weights
 
 __all__ = [
-    "DemoFusionSettings", "DilatedView", "FusedDenoiser", "LocalView", "ModelCall", "Stage", "StagePlan",
+    "DemoFusionSettings", "DilatedView", "FusedDenoiser", "LocalView", "MAX_STAGE_STEP", "ModelCall",
+    "NEGLIGIBLE_WEIGHT", "Stage", "StagePlan", "check_stage_factors", "format_stage_factors", "parse_stage_factors",
+    "LaterStart", "later_stage_start", "partial_sigmas", "partial_steps", "steps_run",
     "StepWeights", "blur_kernel_size", "blur_weight", "blurred_frame", "coverage", "cosine_factor",
     "default_settings", "dilated_size", "dilated_views", "euler", "fusion_weight", "gaussian_blur",
     "global_prediction", "grid_size", "jitter_range", "local_views", "merge_samples", "plan_calls",

@@ -25,6 +25,16 @@ Hooks, both optional, run in this order for each model call:
   that function too before editing its result. The ``ModelCall`` given to ``before_call`` just before
   is the one ``view_cond`` serves, if it needs more than the crops.
 
+Exact savings: where a path's weight is at most ``NEGLIGIBLE_WEIGHT`` (half float32's epsilon) for every
+row, the model calls holding only that path's views are skipped and their predictions count as zero (a
+call shared with the other path runs whole: a smaller batch would change the rounding of the rest): the
+local views where ``1 - c2`` is that small (near t = 1000, or ``cosine_scale_2 = 0``), the dilated
+samples where ``c2`` is (t = 0, the last step of schedules that end at the model's smallest sigma, and
+the last steps when ``cosine_scale_2 > 1``). What is dropped is
+``w * D_path`` with ``w <= 2^-24``: below what float32 resolves in a result of the path's size, and
+nothing at all where ``w`` is exactly 0. The views are still drawn, so later steps see the same jitter.
+``skipped_calls`` / ``skipped_views`` count what was saved.
+
 Jitter is drawn once per noise level and latent size: calls repeating the last sigma (the WebUI
 splits cond and uncond rows into separate calls when ``batch_cond_uncond`` is off) reuse the views,
 so cond and uncond rows always see the same windows.
@@ -42,6 +52,7 @@ from .views import LocalView, coverage, dilated_size, dilated_views, jitter_rang
 from .weights import blur_weight, fusion_weight, per_row
 
 Denoiser = Callable[..., torch.Tensor]
+NEGLIGIBLE_WEIGHT = torch.finfo(torch.float32).eps / 2  # 2^-24
 ViewCond = Callable[[dict, Sequence[tuple[int, int]]], dict]
 
 
@@ -71,6 +82,8 @@ class FusedDenoiser:
         self.evaluations = 0   # fused calls
         self.model_calls = 0   # calls of the wrapped denoiser
         self.model_views = 0   # views passed to it (each stands for every row)
+        self.skipped_calls = 0  # calls a path of negligible weight did not need (exact savings)
+        self.skipped_views = 0
         self._views_key: tuple | None = None
         self._views: list[LocalView] = []
 
@@ -117,14 +130,26 @@ class FusedDenoiser:
         every = [*views, *samples_of]
         sizes = [v.size for v in views] + [dilated_size(height, width, s)] * len(samples_of)
         calls = plan_calls(sizes, self.view_batch)
+        n_local = len(views)
+        negligible_local = bool(torch.all(1 - c2 <= NEGLIGIBLE_WEIGHT))
+        negligible_global = bool(torch.all(torch.as_tensor(c2) <= NEGLIGIBLE_WEIGHT)) and not negligible_local
+
+        def needed(members: list[int]) -> bool:
+            # Whole calls only: a smaller batch would change the rounding of the views left in it.
+            return not all(negligible_local if i < n_local else negligible_global for i in members)
+
+        kept = [members for members in calls if needed(members)]
+        self.skipped_calls += len(calls) - len(kept)
+        self.skipped_views += sum(map(len, calls)) - sum(map(len, kept))
+        use_global = any(i >= n_local for members in kept for i in members)
 
         pad = jitter_range(self.window, self.stride)
         padded = F.pad(xw, (pad, pad, pad, pad))
-        zg, blurred = blurred_frame(xw, s, blur_sigma)
-        samples = split_samples(blurred, s)
+        if use_global:
+            zg, blurred = blurred_frame(xw, s, blur_sigma)
+            samples = split_samples(blurred, s)
+            denoised_samples = torch.zeros_like(samples)  # a skipped sample's prediction counts as zero
         local_sum = torch.zeros_like(padded)
-        denoised_samples = torch.empty_like(samples)
-        n_local = len(views)
 
         def model_input(i: int) -> torch.Tensor:
             if i < n_local:
@@ -133,8 +158,8 @@ class FusedDenoiser:
             j = i - n_local
             return samples[j * rows:(j + 1) * rows]
 
-        for index, members in enumerate(calls):
-            call = ModelCall(index, len(calls), tuple(every[i] for i in members), rows, sizes[members[0]], sigma_t)
+        for index, members in enumerate(kept):
+            call = ModelCall(index, len(kept), tuple(every[i] for i in members), rows, sizes[members[0]], sigma_t)
             if self.before_call is not None:
                 self.before_call(call)
             inputs = torch.cat([model_input(i) for i in members]).to(x.dtype)
@@ -152,6 +177,8 @@ class FusedDenoiser:
                     denoised_samples[j * rows:(j + 1) * rows] = part
         self.evaluations += 1
 
+        # A skipped path counts as zero, so the formula (and its rounding) is the same as with it.
         local = local_sum[..., pad:pad + height, pad:pad + width] / count
-        global_ = global_prediction(zg, blurred, denoised_samples, s, height, width)
+        global_ = global_prediction(zg, blurred, denoised_samples, s, height, width) if use_global \
+            else torch.zeros_like(local)
         return ((1 - c2) * local + c2 * global_).to(x.dtype)

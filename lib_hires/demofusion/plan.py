@@ -20,6 +20,12 @@ be fractional (1 <= F <= 8, 1.5 to 4 being the useful range):
   ones are. The final stage's samples are ``ceil(L_F / s)``, which need not be a multiple of 8 for
   fractional F; the WebUI's UNet resizes its skip connections for such sizes.
 * Stage 1 is the base itself (plain sampling); its dilation 1 is what an img2img ×1 pass would use.
+* **A plan of the user's own** (``factors``, e.g. ``2, 4``): the stages run at those factors instead,
+  with the same dilations and size rounding. Fewer stages save their model calls; the limit
+  (:func:`check_stage_factors`) is a step of at most ``MAX_STAGE_STEP`` = 2x per side, the largest step
+  of the official schedule (x1 -> x2): there a view of the new stage, one window, covers half a
+  window of the previous stage per side, which is as coarse a start as the official method asks
+  the model to refine.
 """
 from __future__ import annotations
 
@@ -31,6 +37,50 @@ from .views import VAE_SCALE, dilated_size, grid_size
 
 SCALE_RANGE = (1.0, 8.0)
 LATENT_MULTIPLE = 8
+MAX_STAGE_STEP = 2.0   # a stage at most doubles the previous one per side (the official x1 -> x2)
+FACTOR_TOLERANCE = 1e-6
+
+
+def parse_stage_factors(text: str) -> tuple[float, ...]:
+    """``"2, 4"`` -> ``(2.0, 4.0)``; ``""`` -> ``()`` (the automatic plan). Raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string of comma-separated scales; got {text!r}")
+    text = text.strip()
+    if not text:
+        return ()
+    factors = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not a number (write the scales comma-separated, "
+                             f"e.g. \"2, 4\")") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{part.strip()!r} is not a finite number")
+        factors.append(value)
+    return tuple(factors)
+
+
+def check_stage_factors(factors: tuple[float, ...], scale: float) -> None:
+    """Stage 2.. factors of a user plan: increasing from above x1, each at most ``MAX_STAGE_STEP`` times
+    the one before (stage 1 is x1), the last equal to ``scale``. Raises ValueError saying which rule."""
+    if not factors:
+        return
+    previous = 1.0
+    for value in factors:
+        if value <= previous + FACTOR_TOLERANCE:
+            raise ValueError(f"the scales must increase from above 1 (stage 1 is x1); {value:g} follows "
+                             f"x{previous:g}")
+        if value > MAX_STAGE_STEP * previous + FACTOR_TOLERANCE:
+            raise ValueError(f"each stage may be at most {MAX_STAGE_STEP:g}x the one before (x{previous:g} "
+                             f"allows up to x{MAX_STAGE_STEP * previous:g}); got x{value:g}")
+        previous = value
+    if abs(factors[-1] - scale) > FACTOR_TOLERANCE:
+        raise ValueError(f"the last scale must equal Scale ({scale:g}); got {factors[-1]:g}")
+
+
+def format_stage_factors(factors: tuple[float, ...]) -> str:
+    return ", ".join(f"{f:g}" for f in factors)
 
 
 def stage_factors(scale: float) -> list[float]:
@@ -118,8 +168,10 @@ class StagePlan:
         return "\n".join(lines)
 
 
-def plan_stages(width: int, height: int, scale: float, *, window: int, stride: int | None = None) -> StagePlan:
-    """Stages from a ``width x height`` base (pixels, multiples of 8) to ``scale`` times it."""
+def plan_stages(width: int, height: int, scale: float, *, window: int, stride: int | None = None,
+                factors: tuple[float, ...] = ()) -> StagePlan:
+    """Stages from a ``width x height`` base (pixels, multiples of 8) to ``scale`` times it; ``factors``
+    (stages 2.., checked by :func:`check_stage_factors`) replace the automatic ones when given."""
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, int) or value < VAE_SCALE or value % VAE_SCALE:
             raise ValueError(f"{name} must be a positive multiple of {VAE_SCALE} pixels; got {value!r}")
@@ -133,7 +185,8 @@ def plan_stages(width: int, height: int, scale: float, *, window: int, stride: i
         raise ValueError(f"stride must be an integer from 1 to the window {window}; got {stride!r}")
 
     base_h, base_w = height // VAE_SCALE, width // VAE_SCALE
-    factors = stage_factors(float(scale))
+    check_stage_factors(tuple(factors), float(scale))
+    factors = [1.0, *factors[:-1], float(scale)] if factors else stage_factors(float(scale))
     stages = [Stage(1, 1.0, width, height, 1)]
     for index, factor in enumerate(factors[1:], start=2):
         s = stage_dilation(factor)

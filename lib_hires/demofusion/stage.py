@@ -57,7 +57,8 @@ def sample_stage(denoiser: Denoiser, z_up: torch.Tensor, noise: torch.Tensor, si
                  cosine_scale_2: float = 1.0, cosine_scale_3: float = 1.0, sigma: float = 0.8,
                  sigma_to_t: Callable[[torch.Tensor], torch.Tensor], jitter: torch.Generator | None = None,
                  extra_args: dict | None = None, view_cond: ViewCond | None = None,
-                 before_call: Callable | None = None, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+                 before_call: Callable | None = None, callback: Callable[[dict], None] | None = None,
+                 fused_denoisers: list | None = None) -> torch.Tensor:
     """One DemoFusion stage with Euler from ``z_up + sigmas[0] noise`` down ``sigmas`` (ending in 0).
 
     Returns the last latent, before the anchor re-standardisation. ``before_call`` and ``callback``
@@ -67,6 +68,8 @@ def sample_stage(denoiser: Denoiser, z_up: torch.Tensor, noise: torch.Tensor, si
     fused = FusedDenoiser(denoiser, dilation=dilation, window=window, stride=stride, view_batch=view_batch,
                           cosine_scale_2=cosine_scale_2, cosine_scale_3=cosine_scale_3, sigma=sigma,
                           sigma_to_t=sigma_to_t, jitter=jitter, view_cond=view_cond, before_call=before_call)
+    if fused_denoisers is not None:
+        fused_denoisers.append(fused)
 
     def residual(x: torch.Tensor, sigma_rows: torch.Tensor) -> torch.Tensor:
         return skip_residual(x, z_up, noise, sigma_rows, skip_weight(sigma_to_t(sigma_rows), cosine_scale_1))
@@ -83,13 +86,18 @@ def sample_stages(denoiser: Denoiser, stages: Sequence[Stage], sigmas: torch.Ten
                   settings: DemoFusionSettings, sigma_to_t: Callable[[torch.Tensor], torch.Tensor],
                   generator: torch.Generator, jitter_generator: torch.Generator | None = None,
                   extra_args: dict | None = None, view_cond: ViewCond | None = None,
-                  callback: Callable[[int, dict], None] | None = None) -> list[torch.Tensor]:
+                  callback: Callable[[int, dict], None] | None = None,
+                  later_sigmas: torch.Tensor | None = None,
+                  fused_denoisers: list | None = None) -> list[torch.Tensor]:
     """The whole DemoFusion loop with Euler; returns the final latent of every stage.
 
     Stage 1 is plain sampling from ``noise * sigmas[0]`` (``noise`` has the stage-1 latent size);
+    later stages run ``later_sigmas`` (default ``sigmas``: the official full schedule; a stage
+    strength below 1 or other steps come from ``schedule.partial_sigmas``) from ``z' + later_sigmas[0] eps``;
     each later stage draws its noise from ``generator`` and, when ``settings.jitter``, its views from
     ``jitter_generator`` (required then; separate so the noise does not depend on the views).
-    ``callback(stage_index, step_dict)`` follows every step.
+    ``callback(stage_index, step_dict)`` follows every step. ``fused_denoisers``, if given, receives
+    each later stage's :class:`FusedDenoiser` (its call counters).
     """
     if settings.jitter and jitter_generator is None:
         raise ValueError("settings.jitter is on: pass a jitter_generator")
@@ -97,6 +105,7 @@ def sample_stages(denoiser: Denoiser, stages: Sequence[Stage], sigmas: torch.Ten
     if tuple(noise.shape[-2:]) != first.latent_size:
         raise ValueError(f"noise is {tuple(noise.shape[-2:])}, stage 1 latent is {first.latent_size}")
     extra_args = extra_args or {}
+    later_sigmas = sigmas if later_sigmas is None else later_sigmas
 
     def step_callback(index: int):
         return None if callback is None else (lambda info: callback(index, info))
@@ -107,12 +116,12 @@ def sample_stages(denoiser: Denoiser, stages: Sequence[Stage], sigmas: torch.Ten
     for stage in later:
         z_up = upsample_latent(z, stage.latent_size)
         eps = stage_noise(z_up.shape, generator, z_up)
-        z = sample_stage(denoiser, z_up, eps, sigmas, dilation=stage.dilation, window=settings.window,
+        z = sample_stage(denoiser, z_up, eps, later_sigmas, dilation=stage.dilation, window=settings.window,
                          stride=settings.stride, view_batch=settings.view_batch,
                          cosine_scale_1=settings.cosine_scale_1, cosine_scale_2=settings.cosine_scale_2,
                          cosine_scale_3=settings.cosine_scale_3, sigma=settings.sigma, sigma_to_t=sigma_to_t,
                          jitter=jitter_generator if settings.jitter else None, extra_args=extra_args,
-                         view_cond=view_cond, callback=step_callback(stage.index))
+                         view_cond=view_cond, callback=step_callback(stage.index), fused_denoisers=fused_denoisers)
         z = restandardize(z, anchor_mean, anchor_std)
         results.append(z)
     return results

@@ -27,8 +27,9 @@ import math
 import torch
 
 from lib_hires.demofusion.step_starts import StepStarts, UnsupportedSampler, probe, tracked_call
-from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, plan_stages, repeat_rows,
-                                  restandardize, row_stats, skip_residual, skip_weight, upsample_latent)
+from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, LaterStart, Stage, StagePlan, later_stage_start,
+                                  plan_stages, repeat_rows, restandardize, row_stats, skip_residual, skip_weight,
+                                  upsample_latent)
 from lib_hires.settings import TITLE, ScaleFusionSettings
 
 from . import decoding
@@ -52,7 +53,8 @@ def engine_settings(settings: ScaleFusionSettings, info: ModelInfo) -> DemoFusio
 
 def stage_plan(settings: ScaleFusionSettings, info: ModelInfo, width: int, height: int) -> StagePlan:
     engine = engine_settings(settings, info)
-    return plan_stages(width // 8 * 8, height // 8 * 8, settings.scale, window=engine.window, stride=engine.stride)
+    return plan_stages(width // 8 * 8, height // 8 * 8, settings.scale, window=engine.window, stride=engine.stride,
+                       factors=settings.stage_factors)
 
 
 def unsupported_reason(p) -> str | None:
@@ -229,6 +231,12 @@ class DemoFusionRun:
     def is_img2img(self) -> bool:
         return getattr(self.p, "init_latent", None) is not None
 
+    def later_start(self) -> LaterStart:
+        """Strength and steps of every later stage (``schedule.later_stage_start``)."""
+        settings = self.job.settings
+        return later_stage_start(img2img=self.is_img2img, stage_strength=settings.stage_strength, steps=self.p.steps,
+                                 later_steps=settings.later_steps, denoising_strength=self.p.denoising_strength)
+
     def __call__(self, *args, **kwargs):
         self.refiner_hold = RefinerHold(self.p) if refiner_of(self.p) is not None else None
         try:
@@ -306,15 +314,18 @@ class DemoFusionRun:
         return bool(shared.state.interrupted or shared.state.skipped)
 
     def _refine_job_count(self) -> None:
-        """Each image is sampled once per stage; the progress bar counts all of them."""
+        """Each image is sampled once per stage; the progress bar counts every step of all of them (stage 1
+        is not sampled in img2img; later stages run the steps of :meth:`later_start`)."""
         from modules import shared
         state = shared.state
         if state.processing_has_refined_job_count:
             return
         if state.job_count == -1:
             state.job_count = self.p.n_iter
+        later = self.later_start().steps_run(self.p.steps, bool(shared.opts.img2img_fix_steps))
+        first = 0 if self.is_img2img else self.p.steps
+        shared.total_tqdm.updateTotal(state.job_count * (first + (len(self.plan.stages) - 1) * later))
         state.job_count *= len(self.plan.stages)
-        shared.total_tqdm.updateTotal(self.p.steps * state.job_count)
         state.processing_has_refined_job_count = True
 
     def _sample_stage(self, stage, z, c, uc, engine, jitter, hints):
@@ -336,12 +347,12 @@ class DemoFusionRun:
             refiner = RefinerSwitch(p.sampler.model_wrap_cfg)
         patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._check_interrupt,
                                 sampler_name=p.sampler_name, refiner=refiner, size_cond_for=self._refiner_size_cond)
-        strength = p.denoising_strength
+        strength, start = p.denoising_strength, self.later_start()
         try:
-            if self.is_img2img:  # the user's denoising strength, as in img2img and the hires pass
-                return p.sampler.sample_img2img(p, z_up, noise, c, uc, image_conditioning=image_conditioning)
-            p.denoising_strength = 1.0  # the official full schedule, from z' + sigma_max * noise
-            return p.sampler.sample_img2img(p, z_up, noise, c, uc, steps=p.steps,
+            # The WebUI's own partial start, as the hires pass (txt2img) or img2img: at stage strength 1 and
+            # the same steps, the official full schedule from z' + sigma_max * noise.
+            p.denoising_strength = start.strength
+            return p.sampler.sample_img2img(p, z_up, noise, c, uc, steps=start.steps,
                                             image_conditioning=image_conditioning)
         finally:
             p.denoising_strength = strength

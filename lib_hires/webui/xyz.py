@@ -34,6 +34,8 @@ def axis_options(xyz_grid) -> list:
         if f.kind in ("bool", "choice"):
             choices = (lambda: ["True", "False"]) if f.kind == "bool" else (lambda f=f: list(f.choices))
             value_type = str
+        elif f.kind == "stages":  # X/Y/Z reads its values as CSV: quote each plan, e.g. "2, 4", auto
+            choices, value_type = None, str
         else:
             choices, value_type = None, int if f.kind == "int" else float
         label = "[ScaleFusion] Enabled" if f.name == "enabled" else \
