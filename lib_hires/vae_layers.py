@@ -59,6 +59,11 @@ GroupNormLike = nn.GroupNorm
 class Program:
     steps: tuple[Step, ...]
     factor: float        # output side / input side: 8 for a decoder, 1/8 for an encoder
+    parked_per_px: float = 0.0  # values a tile holds at its largest barrier, per layout px (latent px) of tile
+
+
+class HostMemoryShort(MemoryError):
+    """The tiles waiting between GroupNorms would not fit the host memory given."""
 
 
 def _has_groupnorm(module: nn.Module) -> bool:
@@ -151,7 +156,10 @@ def program_of(module: nn.Module, x: torch.Tensor, unit: int, forward=None, prob
             raise UnsupportedVAE(f"{type(module).__name__} maps {tuple(probe.shape[-2:])} to "
                                  f"{tuple(expected.shape[-2:])}, not a VAE's 8x up or down")
         program = Program(steps, factor)
-        got = _run_one(program, probe)
+        held = []
+        got = _run_one(program, probe, held)
+        layout_px = (probe.shape[-2] // unit) * (probe.shape[-1] // unit)
+        program = Program(steps, factor, max(held, default=0) / layout_px)
     if torch.isfinite(expected).all():
         error = (got.float() - expected.float()).abs().max().item()
         scale = expected.float().abs().max().item() + 1e-6
@@ -163,8 +171,9 @@ def program_of(module: nn.Module, x: torch.Tensor, unit: int, forward=None, prob
     return program
 
 
-def _run_one(program: Program, x: torch.Tensor) -> torch.Tensor:
-    """The program on one tile, normalising with that tile's own statistics (the module's forward)."""
+def _run_one(program: Program, x: torch.Tensor, held: list | None = None) -> torch.Tensor:
+    """The program on one tile, normalising with that tile's own statistics (the module's forward);
+    ``held`` gets the values the tile's state holds at each barrier (what a tiled pass parks)."""
     stack: list[torch.Tensor] = []
     h = x
     for step in program.steps:
@@ -172,6 +181,8 @@ def _run_one(program: Program, x: torch.Tensor) -> torch.Tensor:
         stats = _Stats(barrier.num_groups) if barrier is not None else None
         if stats is not None:
             stats.add(h)
+            if held is not None:
+                held.append(sum({id(t): t[:1].numel() for t in [h] + stack}.values()))
         h = _apply(step, h, stack, stats)
     return h
 
@@ -263,6 +274,11 @@ def _apply(step: Step, h: torch.Tensor, stack: list[torch.Tensor], stats: _Stats
     raise AssertionError(kind)
 
 
+def parked_bytes(program: Program, x: torch.Tensor, covered_px: int) -> int:
+    """Host memory the waiting tiles of one pass take at most: ``covered_px`` layout px of tiles in all."""
+    return int(program.parked_per_px * covered_px * x.shape[0] * x.element_size())
+
+
 def _cores(starts: list[int], size: int) -> list[tuple[int, int]]:
     """Per tile, the [from, to) of its own part, in its own layout px: the cores partition the length."""
     bounds = [0] + [(b + a + size) // 2 for a, b in zip(starts, starts[1:])] + [starts[-1] + size]
@@ -286,10 +302,12 @@ last_pass = PassStats()
 
 
 def shared_norm_forward(module: nn.Module, x: torch.Tensor, *, tile: int, overlap: int, unit: int = 1,
-                        forward=None, park: torch.device | str = "cpu", out_device: torch.device | str | None = None) -> torch.Tensor:
+                        forward=None, park: torch.device | str = "cpu", out_device: torch.device | str | None = None,
+                        park_budget: int | None = None) -> torch.Tensor:
     """``module(x)`` from tiles of at most ``tile`` layout px (latent px), GroupNorms with whole-image statistics.
 
-    ``x`` is a latent for a decoder (``unit`` 1), an image for an encoder (``unit`` 8); the output is blended
+    ``x`` is a latent for a decoder (``unit`` 1), an image for an encoder (``unit`` 8); ``park_budget``: bytes
+    the waiting tiles may take, :class:`HostMemoryShort` before any work where they would take more. The output is blended
     from the tiles' outputs with the same ramps as :func:`lib_hires.vae_tiles.tiled_decode`."""
     height, width = x.shape[-2] // unit, x.shape[-1] // unit
     th, rows = tile_layout(height, tile, overlap)
@@ -298,6 +316,10 @@ def shared_norm_forward(module: nn.Module, x: torch.Tensor, *, tile: int, overla
     if len(rows) == len(cols) == 1:
         return (forward or module)(x).to(out_device)
     program = program_of(module, x, unit, forward, probe=min(PROBE, th, tw))
+    parked = parked_bytes(program, x, th * tw * len(rows) * len(cols))
+    if park_budget is not None and parked > park_budget:
+        raise HostMemoryShort(f"the tiles waiting between GroupNorms need about {parked / 2 ** 20:.0f} MiB of host "
+                              f"memory; {park_budget / 2 ** 20:.0f} MiB can be given")
     device, park = x.device, torch.device(park)
     tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
     cores_h, cores_w = _cores(rows, th), _cores(cols, tw)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_hires.vae_layers import UnsupportedVAE, last_pass, program_of, shared_norm_forward
+from lib_hires.vae_layers import (HostMemoryShort, UnsupportedVAE, last_pass, parked_bytes, program_of,
+                                  shared_norm_forward)
 from lib_hires.vae_tiles import default_overlap, tile_layout, tiled_decode, tiled_encode
 from tools.vae_factory import build_decoder, build_encoder
 
@@ -130,7 +131,13 @@ def test_layers_see_one_tile_and_the_rest_waits_parked(decoder):
     tiles = len(tile_layout(48, 16, 4)[1]) * len(tile_layout(40, 16, 4)[1])
     assert last_pass.tiles == tiles and len(seen["in"]) == tiles + 2  # + the probe: forward and program, one tile each
     assert max(seen["in"]) <= 16 and max(seen["out"]) <= 8 * 16
-    assert last_pass.parked_peak > 0
+    # the waiting tiles' host memory is known before any work, and refused beyond a budget
+    program = program_of(decoder, torch.zeros(1, 4, 16, 16), 1)
+    (th, rows), (tw, cols) = tile_layout(48, 16, 4), tile_layout(40, 16, 4)
+    estimate = parked_bytes(program, torch.zeros(1, 4, 48, 40), th * tw * len(rows) * len(cols))
+    assert last_pass.parked_peak == estimate > 0
+    with pytest.raises(HostMemoryShort, match="tiles waiting between GroupNorms need"):
+        shared_norm_forward(decoder, torch.randn(1, 4, 48, 40), tile=16, overlap=4, park_budget=estimate - 1)
 
 
 class OtherAttention(nn.Module):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lib_hires.settings import TITLE
-from lib_hires.vae_layers import UnsupportedVAE, shared_norm_forward
+from lib_hires.vae_layers import HostMemoryShort, UnsupportedVAE, shared_norm_forward
 from lib_hires.vae_tiles import (GROUPNORM_CHOICES, available_ram_bytes, choose_tile, default_overlap, shrink_latent,
                                  tiled_apply)
 
@@ -118,12 +118,17 @@ class TiledForward:
         overlap = default_overlap(tile)
         mode = self.mode()
         if mode == GROUPNORM_CHOICES[0] and not args and not kwargs:
+            budget = available_ram_bytes()
             try:
                 return shared_norm_forward(self.module, x, tile=tile, overlap=overlap, unit=self.unit,
-                                           forward=self.original, park=torch.device("cpu"))
+                                           forward=self.original, park=torch.device("cpu"),
+                                           park_budget=None if budget is None else int(0.7 * budget))
             except UnsupportedVAE as error:
                 _log(f"warning: whole-image GroupNorm statistics are not possible for this VAE ({error}); "
                      "its tiles are normalised each on its own")
+            except HostMemoryShort as error:
+                _log(f"warning: {error}: this {tuple(x.shape[-2:])} VAE pass normalises its tiles each on its own "
+                     "(lower the size, or free host memory, for whole-image GroupNorm statistics)")
         return tiled_apply(lambda part: self.original(part, *args, **kwargs), x, tile=tile, overlap=overlap,
                            unit=self.unit)
 
