@@ -1,4 +1,5 @@
-"""Decoding large latents: tiles with blended seams, a tile size from the available memory, small previews.
+"""Decoding large latents and encoding large images: tiles with blended seams, a tile size from the available
+memory, small previews.
 
 Any ``decode(latent) -> image`` works whose image is an integer multiple (8 for SD VAEs) of the
 latent in both sides, with any channel count. Along each axis the latent is covered by equal tiles of
@@ -11,8 +12,8 @@ decoder's working memory is one tile's whatever the image size.
 
 The weights of a tile are a product of one ramp per axis and tiles form a grid, so the sum of all
 weights is the product of per-axis sums: normalising needs two vectors, not a second image.
-GroupNorm statistics are not shared across tiles (Tiled VAE does that); on natural latents they differ
-little between tiles of 1024 px, and the ramps hide what differs at the seams.
+``tiled_decode`` and ``tiled_encode`` of a VAE module share GroupNorm statistics across the tiles
+(``lib_hires.vae_layers``); ``tiled_apply`` and an opaque ``decode`` callable normalise each tile on its own.
 """
 from __future__ import annotations
 
