@@ -129,7 +129,8 @@ def test_layers_see_one_tile_and_the_rest_waits_parked(decoder):
             h.remove()
     assert out.shape == (1, 3, 384, 320)
     tiles = len(tile_layout(48, 16, 4)[1]) * len(tile_layout(40, 16, 4)[1])
-    assert last_pass.tiles == tiles and len(seen["in"]) == tiles + 2  # + the probe: forward and program, one tile each
+    # + the probe (forward and program, each within one tile) where this decoder's program is not cached yet
+    assert last_pass.tiles == tiles and len(seen["in"]) - tiles in (0, 2)
     assert max(seen["in"]) <= 16 and max(seen["out"]) <= 8 * 16
     # the waiting tiles' host memory is known before any work, and refused beyond a budget
     program = program_of(decoder, torch.zeros(1, 4, 16, 16), 1)
