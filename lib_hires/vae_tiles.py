@@ -1,4 +1,5 @@
-"""Decoding large latents: tiles with blended seams, a tile size from the available memory, small previews.
+"""Decoding large latents and encoding large images: tiles with blended seams, a tile size from the available
+memory, small previews.
 
 Any ``decode(latent) -> image`` works whose image is an integer multiple (8 for SD VAEs) of the
 latent in both sides, with any channel count. Along each axis the latent is covered by equal tiles of
@@ -11,8 +12,8 @@ decoder's working memory is one tile's whatever the image size.
 
 The weights of a tile are a product of one ramp per axis and tiles form a grid, so the sum of all
 weights is the product of per-axis sums: normalising needs two vectors, not a second image.
-GroupNorm statistics are not shared across tiles (Tiled VAE does that); on natural latents they differ
-little between tiles of 1024 px, and the ramps hide what differs at the seams.
+``tiled_decode`` and ``tiled_encode`` of a VAE module share GroupNorm statistics across the tiles
+(``lib_hires.vae_layers``); ``tiled_apply`` and an opaque ``decode`` callable normalise each tile on its own.
 """
 from __future__ import annotations
 
@@ -68,43 +69,100 @@ def _ramps(starts: list[int], span: int, scale: int) -> list[torch.Tensor]:
     return out
 
 
-def tiled_decode(decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, *, tile: int = 64,
-                 overlap: int = 16, out_device: torch.device | str | None = None) -> torch.Tensor:
-    """``decode(latent)`` assembled from tiles of at most ``tile`` latent px overlapping by ``overlap`` or more."""
-    height, width = latent.shape[-2:]
+class _Canvas:
+    """Tiles of a ``rows`` x ``cols`` grid (latent px) blended into one image with the per-axis ramps."""
+
+    def __init__(self, rows: list[int], cols: list[int], th: int, tw: int, height: int, width: int, out_device):
+        self.rows, self.cols, self.th, self.tw, self.height, self.width = rows, cols, th, tw, height, width
+        self.out_device = out_device
+        self.image = self.dtype = None
+
+    def add(self, i: int, j: int, part: torch.Tensor) -> None:
+        th, tw = self.th, self.tw
+        if self.image is None:
+            scale = self.scale = part.shape[-1] // tw
+            if part.shape[-2:] != (th * scale, tw * scale) or scale < 1:
+                raise ValueError(f"decode turned a {th}x{tw} latent into {tuple(part.shape[-2:])}: "
+                                 "expected the same integer scale on both sides")
+            self.image = torch.zeros(*part.shape[:-2], self.height * scale, self.width * scale, dtype=torch.float32,
+                                     device=self.out_device)
+            self.ramps_h, self.ramps_w = _ramps(self.rows, th, scale), _ramps(self.cols, tw, scale)
+            self.weight_h = torch.zeros(self.height * scale, dtype=torch.float64)
+            self.weight_w = torch.zeros(self.width * scale, dtype=torch.float64)
+            for a, r in zip(self.rows, self.ramps_h):
+                self.weight_h[a * scale:(a + th) * scale] += r
+            for a, r in zip(self.cols, self.ramps_w):
+                self.weight_w[a * scale:(a + tw) * scale] += r
+        scale, top, left = self.scale, self.rows[i], self.cols[j]
+        w = (self.ramps_h[i][:, None] * self.ramps_w[j][None, :]).to(device=self.out_device, dtype=torch.float32)
+        self.image[..., top * scale:(top + th) * scale, left * scale:(left + tw) * scale] += \
+            part.to(device=self.out_device, dtype=torch.float32) * w
+        self.dtype = part.dtype
+
+    def result(self) -> torch.Tensor:
+        image = self.image
+        image /= self.weight_h.to(device=self.out_device, dtype=torch.float32)[:, None]
+        image /= self.weight_w.to(device=self.out_device, dtype=torch.float32)[None, :]
+        return image.to(self.dtype)
+
+
+def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, tile: int, overlap: int,
+                unit: int = 1, out_device: torch.device | str | None = None) -> torch.Tensor:
+    """``fn(x)`` assembled from ``fn`` of overlapping tiles, one at a time, each normalising on its own.
+
+    ``x``'s sides are ``unit`` times the layout's (8 for an image into a VAE encoder, 1 for a latent into a
+    decoder); tiles are laid out, and ``fn``'s output blended, in layout px."""
+    height, width = x.shape[-2] // unit, x.shape[-1] // unit
     th, rows = tile_layout(height, tile, overlap)
     tw, cols = tile_layout(width, tile, overlap)
-    out_device = latent.device if out_device is None else torch.device(out_device)
+    out_device = x.device if out_device is None else torch.device(out_device)
     if len(rows) == len(cols) == 1:
-        return decode(latent).to(out_device)
-
-    image = weight_h = weight_w = None
-    scale = 0
+        return fn(x).to(out_device)
+    canvas = _Canvas(rows, cols, th, tw, height, width, out_device)
     for i, top in enumerate(rows):
         for j, left in enumerate(cols):
-            part = decode(latent[..., top:top + th, left:left + tw])
-            if image is None:
-                scale = part.shape[-1] // tw
-                if part.shape[-2:] != (th * scale, tw * scale) or scale < 1:
-                    raise ValueError(f"decode turned a {th}x{tw} latent into {tuple(part.shape[-2:])}: "
-                                     "expected the same integer scale on both sides")
-                image = torch.zeros(*part.shape[:-2], height * scale, width * scale, dtype=torch.float32,
-                                    device=out_device)
-                ramps_h = _ramps(rows, th, scale)
-                ramps_w = _ramps(cols, tw, scale)
-                weight_h = torch.zeros(height * scale, dtype=torch.float64)
-                weight_w = torch.zeros(width * scale, dtype=torch.float64)
-                for a, r in zip(rows, ramps_h):
-                    weight_h[a * scale:(a + th) * scale] += r
-                for a, r in zip(cols, ramps_w):
-                    weight_w[a * scale:(a + tw) * scale] += r
-            w = (ramps_h[i][:, None] * ramps_w[j][None, :]).to(device=out_device, dtype=torch.float32)
-            image[..., top * scale:(top + th) * scale, left * scale:(left + tw) * scale] += \
-                part.to(device=out_device, dtype=torch.float32) * w
-            dtype = part.dtype
-    image /= weight_h.to(device=out_device, dtype=torch.float32)[:, None]
-    image /= weight_w.to(device=out_device, dtype=torch.float32)[None, :]
-    return image.to(dtype)
+            canvas.add(i, j, fn(x[..., top * unit:(top + th) * unit, left * unit:(left + tw) * unit]))
+    return canvas.result()
+
+
+GROUPNORM_CHOICES = ("whole image", "per tile")
+
+
+def tiled_decode(decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, *, tile: int = 64,
+                 overlap: int = 16, out_device: torch.device | str | None = None,
+                 groupnorm: str | None = None) -> torch.Tensor:
+    """``decode(latent)`` assembled from tiles of at most ``tile`` latent px overlapping by ``overlap`` or more.
+
+    ``groupnorm``: "whole image" runs a VAE decoder module (``lib_hires.vae_layers``) layer by layer across
+    the tiles so that every GroupNorm uses the whole image's statistics; "per tile" calls ``decode`` on each
+    tile. The default is "whole image" for a module and "per tile" for any other callable, whose norms
+    cannot be reached."""
+    return _tiled(decode, latent, tile, overlap, 1, out_device, groupnorm)
+
+
+def tiled_encode(encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, *, tile: int = 64,
+                 overlap: int = 16, out_device: torch.device | str | None = None,
+                 groupnorm: str | None = None) -> torch.Tensor:
+    """``encode(image)`` (a VAE encoder's moments: mean and log-variance, 1/8 the size) assembled from tiles
+    of at most ``tile`` latent px (8 ``tile`` image px); ``groupnorm`` as in :func:`tiled_decode`. Sampling
+    from the assembled moments is left to the caller, once for the whole image."""
+    if image.shape[-2] % 8 or image.shape[-1] % 8:
+        raise ValueError(f"a tiled encode needs sides that are multiples of 8; got {tuple(image.shape[-2:])}")
+    return _tiled(encode, image, tile, overlap, 8, out_device, groupnorm)
+
+
+def _tiled(fn, x, tile, overlap, unit, out_device, groupnorm):
+    if groupnorm is None:
+        groupnorm = GROUPNORM_CHOICES[0] if isinstance(fn, torch.nn.Module) else GROUPNORM_CHOICES[1]
+    if groupnorm not in GROUPNORM_CHOICES:
+        raise ValueError(f"groupnorm must be one of {GROUPNORM_CHOICES}; got {groupnorm!r}")
+    if groupnorm == GROUPNORM_CHOICES[1]:
+        return tiled_apply(fn, x, tile=tile, overlap=overlap, unit=unit, out_device=out_device)
+    if not isinstance(fn, torch.nn.Module):
+        raise TypeError("whole-image GroupNorm statistics need the VAE module itself, not a function")
+    from .vae_layers import shared_norm_forward
+
+    return shared_norm_forward(fn, x, tile=tile, overlap=overlap, unit=unit, out_device=out_device)
 
 
 def default_overlap(tile: int) -> int:

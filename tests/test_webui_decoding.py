@@ -4,8 +4,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from lib_hires.vae_tiles import PREVIEW_MAX_SIDE, default_overlap, tiled_decode
-from lib_hires.webui.decoding import LargeOutputGuard, decode_element_size, tile_size, tiled_vae_active
+import pytest
+
+from lib_hires.vae_tiles import PREVIEW_MAX_SIDE, default_overlap, tiled_decode, tiled_encode
+from lib_hires.webui.decoding import (LargeOutputGuard, VaeTiling, decode_element_size, groupnorm_mode, tile_size,
+                                      tiled_vae_active)
+from tools.vae_factory import build_decoder, build_encoder
 
 
 class State:
@@ -50,22 +54,95 @@ def test_previews_of_a_big_latent_are_decoded_small_while_the_guard_is_on():
     assert "do_set_current_image" not in vars(state) and "decode_first_stage" not in vars(model)
 
 
-def test_big_decodes_are_tiled_and_small_ones_untouched():
-    model = Model()
-    expected_small = model.decode_first_stage(torch.ones(1, 4, 24, 24))
-    latent = torch.randn(1, 4, 80, 56)
-    expected_tiled = tiled_decode(model.decode_first_stage, latent, tile=32, overlap=default_overlap(32))
-    model.seen.clear()
-    guard = LargeOutputGuard(model, State(None), choose=big_latents_get_tiles_of(32))
+class VaeModel:
+    """The WebUI model's VAE path on the real layout (tiny random weights): decode_first_stage runs
+    first_stage_model.decoder, encode_first_stage the encoder (its moments) and one sample from them."""
+
+    def __init__(self):
+        self.first_stage_model = torch.nn.Module()
+        self.first_stage_model.decoder = build_decoder(0.125, seed=8)
+        self.first_stage_model.encoder = build_encoder(0.125, seed=9)
+        self.seen = []
+        for part in (self.first_stage_model.decoder, self.first_stage_model.encoder):
+            part.conv_in.register_forward_pre_hook(lambda m, a: self.seen.append(tuple(a[0].shape[-2:])))
+
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decoder(z)
+
+    def encode_first_stage(self, x, seed=3):
+        moments = self.first_stage_model.encoder(x)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def vae_model():
+    return VaeModel()
+
+
+def test_big_decodes_and_encodes_are_tiled_and_small_ones_untouched(vae_model):
+    model = vae_model
+    vae = model.first_stage_model
+    with torch.no_grad():
+        small_latent, small_image = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 64, 64)
+        expected = model.decode_first_stage(small_latent), model.encode_first_stage(small_image)
+        latent, image = torch.randn(1, 4, 24, 16), torch.randn(1, 3, 192, 128)
+        tiled_image = tiled_decode(vae.decoder, latent, tile=8, overlap=default_overlap(8))
+        moments = tiled_encode(vae.encoder, image, tile=8, overlap=default_overlap(8))
+        mean, logvar = moments.chunk(2, dim=1)
+        tiled_latent = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape,
+                                                                    generator=torch.Generator().manual_seed(3))
+        model.seen.clear()
+        guard = LargeOutputGuard(model, State(None), choose=big_latents_get_tiles_of(8), mode=lambda: "whole image")
+        try:
+            torch.testing.assert_close(model.decode_first_stage(small_latent), expected[0])
+            torch.testing.assert_close(model.encode_first_stage(small_image), expected[1])
+            assert model.seen == [(8, 8), (64, 64)]
+            torch.testing.assert_close(model.decode_first_stage(latent), tiled_image)
+            # one sample, drawn by the model's own code from the assembled moments, as for a whole encode
+            torch.testing.assert_close(model.encode_first_stage(image), tiled_latent)
+            assert max(max(s) for s in model.seen[2:]) <= 64  # neither half ever saw more than one tile
+        finally:
+            guard.remove()
+        assert "forward" not in vars(vae.decoder) and "forward" not in vars(vae.encoder)
+        model.seen.clear()
+        assert model.decode_first_stage(latent).shape == (1, 3, 192, 128) and model.seen == [(24, 16)]
+
+
+def test_per_tile_normalisation_is_the_setting_or_the_fallback(vae_model, capsys):
+    model, latent = vae_model, torch.randn(1, 4, 24, 16)
+    with torch.no_grad():
+        per_tile = tiled_decode(model.decode_first_stage, latent, tile=8, overlap=default_overlap(8))
+        tiling = VaeTiling(model, choose=big_latents_get_tiles_of(8), mode=lambda: "per tile")
+        try:
+            torch.testing.assert_close(model.decode_first_stage(latent), per_tile)
+        finally:
+            tiling.remove()
+        decoder = model.first_stage_model.decoder
+        original = decoder.mid.block_1.forward
+        decoder.mid.block_1.forward = lambda x, temb=None: original(x) * 0.5  # a block the structure does not tell
+        tiling = VaeTiling(model, choose=big_latents_get_tiles_of(8), mode=lambda: "whole image")
+        try:
+            fallback = model.decode_first_stage(latent)
+            reference = tiled_decode(model.decode_first_stage, latent, tile=8, overlap=default_overlap(8))
+        finally:
+            tiling.remove()
+            del decoder.mid.block_1.forward
+        torch.testing.assert_close(fallback, reference)
+    assert "GroupNorm statistics are not possible for this VAE" in capsys.readouterr().out
+    assert groupnorm_mode(SimpleNamespace(data={})) == "whole image"
+    assert groupnorm_mode(SimpleNamespace(data={"scalefusion_vae_groupnorm": "per tile"})) == "per tile"
+    assert groupnorm_mode(SimpleNamespace(data={"scalefusion_vae_groupnorm": "bogus"})) == "whole image"
+
+
+def test_tiled_vae_leaves_nothing_to_patch(vae_model):
+    model = vae_model
+    model.first_stage_model.encoder.original_forward = model.first_stage_model.encoder.forward
     try:
-        torch.testing.assert_close(model.decode_first_stage(torch.ones(1, 4, 24, 24)), expected_small)
-        assert model.seen == [(24, 24)]
-        torch.testing.assert_close(model.decode_first_stage(latent), expected_tiled)
-        assert len(model.seen) > 2 and max(max(s) for s in model.seen[1:]) <= 32  # the model never saw it whole
+        assert tiled_vae_active(model)
+        assert VaeTiling(model, choose=big_latents_get_tiles_of(16), mode=lambda: "whole image").patches == []
     finally:
-        guard.remove()
-    model.seen.clear()
-    assert model.decode_first_stage(latent).shape == (1, 3, 640, 448) and model.seen == [(80, 56)]
+        del model.first_stage_model.encoder.original_forward
 
 
 def test_a_second_patch_on_top_survives_the_guards_removal():

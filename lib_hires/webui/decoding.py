@@ -1,12 +1,16 @@
-"""Large outputs in the WebUI: tiled VAE decodes, small live previews, saving DemoFusion's stages.
+"""Large outputs in the WebUI: tiled VAE decodes and encodes, small live previews, saving DemoFusion's stages.
 
-While a ScaleFusion job runs, a latent larger than one decode tile is decoded in tiles
-(``lib_hires.vae_tiles``), each through the WebUI's own ``decode_latent_batch`` so its NaN fallback
-(retry with the VAE in 32-bit floats) and low-VRAM handling stay: the final decode in ``post_sample``
-(returned as decoded samples, so the WebUI skips its own) and, during ``p.sample``, any other decode
-of the model (the first pass of a Hires. fix with a non-latent upscaler). The tile is 1024 px, smaller
-where the device's free memory is short (``choose_tile``), or the user's setting. When Tiled VAE
-(multidiffusion-upscaler) has hooked the decoder it already tiles, and nothing is done here.
+While a ScaleFusion job runs, the VAE's ``decoder`` and ``encoder`` carry an instance patch of their
+``forward`` (:class:`VaeTiling`) that runs an input larger than one tile in tiles, layer by layer with
+whole-image GroupNorm statistics (``lib_hires.vae_layers``; per tile where the setting says so or the
+VAE's structure is not recognised). The patch sits inside the WebUI's own decode and encode, so its NaN
+fallback (retry with the VAE in 32-bit floats), low-VRAM moves, scale factors and the encoder's one
+sample from the assembled moments stay the WebUI's. It is on for ``p.init`` (img2img's init images are
+encoded there), for ``p.sample`` (the Hires. fix encode after a pixel upscaler, the first pass's decode)
+and for the final decode in ``post_sample`` (returned as decoded samples, so the WebUI skips its own).
+The tile is 1024 px, smaller where the device's free memory is short (``choose_tile``), or the user's
+setting. When Tiled VAE (multidiffusion-upscaler) has hooked the VAE it already tiles, and nothing is
+done here.
 
 Live previews are decoded by the progress thread from ``shared.state.current_latent``; while the job
 runs, that decode is handed a downscaled copy of a large latent.
@@ -16,19 +20,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lib_hires.vae_tiles import available_ram_bytes, choose_tile, default_overlap, shrink_latent, tiled_decode
+from lib_hires.settings import TITLE
+from lib_hires.vae_layers import HostMemoryShort, UnsupportedVAE, shared_norm_forward
+from lib_hires.vae_tiles import (GROUPNORM_CHOICES, available_ram_bytes, choose_tile, default_overlap, shrink_latent,
+                                 tiled_apply)
 
 from .instance_patch import InstancePatch
 
 TILE_OPTION = "scalefusion_decode_tile"
 DEFAULT_TILE = 0          # automatic
+GROUPNORM_OPTION = "scalefusion_vae_groupnorm"
 FALLBACK_FREE_BYTES = 8 * 2 ** 30  # where free memory cannot be read
+VAE_PARTS = (("decoder", 1), ("encoder", 8))  # (module, input px per latent px)
 
 
 def tiled_vae_active(sd_model) -> bool:
-    decoder = getattr(getattr(sd_model, "first_stage_model", None), "decoder", None)
-    forward = getattr(decoder, "forward", None)
-    return hasattr(decoder, "original_forward") or type(forward).__name__ == "VAEHook"
+    vae = getattr(sd_model, "first_stage_model", None)
+    for name, _ in VAE_PARTS:
+        part = getattr(vae, name, None)
+        if hasattr(part, "original_forward") or type(getattr(part, "forward", None)).__name__ == "VAEHook":
+            return True
+    return False
 
 
 def free_bytes(device: torch.device) -> int:
@@ -77,21 +89,89 @@ def tile_for(sd_model, latent: torch.Tensor) -> int | None:
     return tile if max(latent.shape[-2:]) > tile else None
 
 
+def groupnorm_mode(opts) -> str:
+    chosen = opts.data.get(GROUPNORM_OPTION, GROUPNORM_CHOICES[0])
+    return chosen if chosen in GROUPNORM_CHOICES else GROUPNORM_CHOICES[0]
+
+
+def _log(message: str) -> None:
+    print(f"[{TITLE}] {message}")
+
+
+class TiledForward:
+    """``forward`` of one VAE half while patched: inputs larger than one tile run in tiles."""
+
+    def __init__(self, sd_model, module, unit: int, choose, mode):
+        self.sd_model, self.module, self.unit, self.choose, self.mode = sd_model, module, unit, choose, mode
+        self.original = module.forward
+        self.largest_tile = 0  # layout px: what the module's layers saw at most (for tests and logs)
+
+    def __call__(self, x, *args, **kwargs):
+        if not (isinstance(x, torch.Tensor) and x.dim() == 4):
+            return self.original(x, *args, **kwargs)
+        layout = torch.empty(*x.shape[:-2], x.shape[-2] // self.unit, x.shape[-1] // self.unit, device="meta")
+        tile = self.choose(self.sd_model, layout)
+        if tile is None:
+            return self.original(x, *args, **kwargs)
+        # An image side that is no multiple of 8 loses its last < 8 px, as the encoder's stride-2 convs drop them
+        x = x[..., :layout.shape[-2] * self.unit, :layout.shape[-1] * self.unit]
+        overlap = default_overlap(tile)
+        mode = self.mode()
+        if mode == GROUPNORM_CHOICES[0] and not args and not kwargs:
+            budget = available_ram_bytes()
+            try:
+                return shared_norm_forward(self.module, x, tile=tile, overlap=overlap, unit=self.unit,
+                                           forward=self.original, park=torch.device("cpu"),
+                                           park_budget=None if budget is None else int(0.7 * budget))
+            except UnsupportedVAE as error:
+                _log(f"warning: whole-image GroupNorm statistics are not possible for this VAE ({error}); "
+                     "its tiles are normalised each on its own")
+            except HostMemoryShort as error:
+                _log(f"warning: {error}: this {tuple(x.shape[-2:])} VAE pass normalises its tiles each on its own "
+                     "(lower the size, or free host memory, for whole-image GroupNorm statistics)")
+        return tiled_apply(lambda part: self.original(part, *args, **kwargs), x, tile=tile, overlap=overlap,
+                           unit=self.unit)
+
+
+class VaeTiling:
+    """Instance patches of the VAE's ``decoder.forward`` and ``encoder.forward`` (:class:`TiledForward`),
+    undone by ``remove()``. Where one is already patched by us (a decode inside a guarded ``p.sample``),
+    that patch is left to do the work; with Tiled VAE on, nothing is patched."""
+
+    def __init__(self, sd_model, choose=None, mode=None):
+        self.patches = []
+        if tiled_vae_active(sd_model):
+            return
+        choose = choose or tile_for
+        mode = mode or (lambda: groupnorm_mode(_shared_opts()))
+        vae = getattr(sd_model, "first_stage_model", None)
+        for name, unit in VAE_PARTS:
+            module = getattr(vae, name, None)
+            if isinstance(module, torch.nn.Module) and not isinstance(vars(module).get("forward"), TiledForward):
+                self.patches.append(InstancePatch(module, "forward", TiledForward(sd_model, module, unit, choose, mode)))
+
+    def remove(self) -> None:
+        for patch in reversed(self.patches):
+            patch.remove()
+        self.patches = []
+
+
+def _shared_opts():
+    from modules import shared
+    return shared.opts
+
+
 def decode(p, latents: torch.Tensor, tile: int | None = None) -> list[torch.Tensor]:
     """One ``[3, H, W]`` image in [-1, 1] on the CPU per latent, in tiles of ``tile`` (default: ``tile_for``)."""
     from modules import devices, processing
 
     tile = tile or tile_for(p.sd_model, latents)
-    if tile is None:
+    tiling = VaeTiling(p.sd_model, choose=(lambda model, z: tile if max(z.shape[-2:]) > tile else None) if tile
+                       else (lambda model, z: None))
+    try:
         return list(processing.decode_latent_batch(p.sd_model, latents, target_device=devices.cpu, check_for_nans=True))
-
-    def decode_tile(z):
-        images = processing.decode_latent_batch(p.sd_model, z, target_device=devices.cpu, check_for_nans=True)
-        devices.torch_gc()
-        return torch.stack(list(images)).float()
-
-    return [tiled_decode(decode_tile, latents[i:i + 1], tile=tile, overlap=default_overlap(tile),
-                         out_device=torch.device("cpu"))[0] for i in range(latents.shape[0])]
+    finally:
+        tiling.remove()
 
 
 def post_sample(p, ps) -> None:
@@ -107,35 +187,41 @@ def post_sample(p, ps) -> None:
 
 
 class LargeOutputGuard:
-    """Installed for the duration of ``p.sample``: small live previews and tiled decodes of big latents.
+    """Installed for the duration of ``p.sample``: small live previews, tiled decodes and encodes of big inputs.
 
     Instance patches, undone by ``remove()``: ``shared.state.do_set_current_image`` (the progress thread's
-    preview decode) and ``decode_first_stage`` of every model the job samples with (every full VAE decode of
-    it): the model ``p.sample`` starts with, and each one a hires checkpoint or a refiner switches to
-    (``attach``), since the hires pass decodes its result inside ``p.sample`` on its own model.
-    A decode asked for inside a denoiser step (``in_step``, see :class:`StepPreviews`) is the live preview
-    that ``--medvram`` / ``--lowvram`` make there instead of in the progress thread: it is shrunk too.
+    preview decode), and on every model the job samples with — the model ``p.sample`` starts with, and each one a
+    hires checkpoint or a refiner switches to (``attach``), since the hires pass decodes its result inside
+    ``p.sample`` on its own model — ``decode_first_stage`` and the VAE halves' ``forward`` (:class:`VaeTiling`).
+    A decode asked for inside a denoiser step (``in_step``, see :class:`StepPreviews`) is the live preview that
+    ``--medvram`` / ``--lowvram`` make there instead of in the progress thread: it is shrunk, so that it fits one
+    tile.
     """
 
-    def __init__(self, sd_model, state, choose=tile_for):
+    def __init__(self, sd_model, state, choose=tile_for, mode=None):
         self._set_preview = state.do_set_current_image
         self.state, self.choose = state, choose
         self.in_step = False
+        self.mode = mode
         self.models: list = []
+        self.tilings: list[VaeTiling] = []
         self.patches = [InstancePatch(state, "do_set_current_image", self._preview)]
         self.attach(sd_model)
 
     def attach(self, sd_model) -> None:
-        """Guards the decodes of ``sd_model`` too (idempotent per model object)."""
+        """Guards the decodes and encodes of ``sd_model`` too (idempotent per model object)."""
         if any(model is sd_model for model in self.models):
             return
         original = sd_model.decode_first_stage
 
         def decode_first_stage(z, *args, **kwargs):
-            return self._decode(z, *args, _model=(sd_model, original), **kwargs)
+            if self.in_step and isinstance(z, torch.Tensor) and z.dim() == 4:
+                z = shrink_latent(z)
+            return original(z, *args, **kwargs)
 
         self.models.append(sd_model)
         self.patches.append(InstancePatch(sd_model, "decode_first_stage", decode_first_stage))
+        self.tilings.append(VaeTiling(sd_model, self.choose, self.mode))
 
     def _preview(self):
         latent = self.state.current_latent
@@ -143,19 +229,9 @@ class LargeOutputGuard:
             self.state.current_latent = shrink_latent(latent)
         return self._set_preview()
 
-    def _decode(self, z, *args, _model, **kwargs):
-        sd_model, decode_first_stage = _model
-        if not (isinstance(z, torch.Tensor) and z.dim() == 4):
-            return decode_first_stage(z, *args, **kwargs)
-        if self.in_step:
-            z = shrink_latent(z)
-        tile = self.choose(sd_model, z)
-        if tile is None:
-            return decode_first_stage(z, *args, **kwargs)
-        return tiled_decode(lambda part: decode_first_stage(part, *args, **kwargs), z, tile=tile,
-                            overlap=default_overlap(tile))
-
     def remove(self) -> None:
+        for tiling in reversed(self.tilings):
+            tiling.remove()
         for patch in reversed(self.patches):
             patch.remove()
 

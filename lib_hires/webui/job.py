@@ -89,6 +89,17 @@ class Job:
                 self._remove_guard()
 
         p.sample = sample
+        original_init = p.init
+
+        def init(*args, **kwargs):
+            # img2img encodes its init images here, before p.sample and its guard: big ones in tiles too
+            tiling = decoding.VaeTiling(p.sd_model)
+            try:
+                return original_init(*args, **kwargs)
+            finally:
+                tiling.remove()
+
+        p.init = init
 
     def _check_model(self, p) -> model_info.ModelInfo | None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from lib_hires.settings import FIELDS, TITLE, Field, ScaleFusionSettings, SettingsError
+from lib_hires.vae_tiles import GROUPNORM_CHOICES
 
 from . import decoding
 
@@ -29,6 +30,11 @@ def register(shared) -> None:
         {"minimum": 0, "maximum": 256, "step": 8}, section=SECTION).info(
         "outputs larger than one tile are decoded tile by tile, unless Tiled VAE is on; automatic: 128 (1024 px), "
         "smaller when free memory is short"))
+    shared.opts.add_option(decoding.GROUPNORM_OPTION, shared.OptionInfo(
+        GROUPNORM_CHOICES[0], "Tiled VAE: GroupNorm statistics", gr.Radio, {"choices": list(GROUPNORM_CHOICES)},
+        section=SECTION).info(
+        "whole image: tiles are normalised alike, no tonal steps between them, at the cost of host memory for the "
+        "tiles waiting between layers (about two full-size 128-channel activations); per tile: the lighter old way"))
 
 
 def defaults(opts, override_settings: Mapping[str, Any] | None = None) -> ScaleFusionSettings:

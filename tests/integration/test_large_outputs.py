@@ -30,12 +30,27 @@ def peak_rss(capsys):
         print(f"\n  peak RSS of the WebUI process: {readings['peak'] / GIB:.2f} GiB ({readings.get('what', '')})")
 
 
+def _layer_inputs(webui, part: str):
+    """Sizes the first layer of the VAE's ``part`` is given: the decoder or encoder module itself is entered
+    with the whole input and runs its layers tile by tile."""
+    seen = []
+    handle = getattr(webui.sd_model.first_stage_model, part).conv_in.register_forward_pre_hook(
+        lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    return seen, handle
+
+
 @pytest.fixture
 def decoder_inputs(webui):
-    """Latent sizes the VAE decoder is given during the test."""
-    seen = []
-    handle = webui.sd_model.first_stage_model.decoder.register_forward_pre_hook(
-        lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    """Latent sizes the VAE decoder's layers are given during the test."""
+    seen, handle = _layer_inputs(webui, "decoder")
+    yield seen
+    handle.remove()
+
+
+@pytest.fixture
+def encoder_inputs(webui):
+    """Image sizes the VAE encoder's layers are given during the test."""
+    seen, handle = _layer_inputs(webui, "encoder")
     yield seen
     handle.remove()
 
@@ -62,6 +77,35 @@ def test_sdxl_demofusion_x2_from_1024(sdxl, webui, txt2img, peak_rss, decoder_in
     assert result.size == (2048, 2048)
     assert max(max(s) for s in decoder_inputs) < 256
     assert _status_bytes("VmHWM:") < 22 * GIB  # what a 24 GB machine leaves the WebUI
+
+
+def test_sdxl_img2img_at_2048_encodes_in_tiles(sdxl, webui, img2img, peak_rss, encoder_inputs, decoder_inputs):
+    """The init image is encoded in p.init, before any sampling: in tiles, with whole-image GroupNorms."""
+    from tests.integration.conftest import gradient_png
+
+    result = img2img(init_images=[gradient_png(2048)], width=2048, height=2048, steps=2, denoising_strength=0.5,
+                     alwayson_scripts=scalefusion(method="ScaleCrafter"))
+    peak_rss["what"] = "tiny SDXL, img2img 2048x2048 ScaleCrafter, 2 Euler steps at strength 0.5"
+    assert result.status == 200, result.json
+    assert result.size == (2048, 2048)
+    assert len(encoder_inputs) > 2 and max(max(s) for s in encoder_inputs) <= 1024  # tiles of at most 1024 px
+    assert max(max(s) for s in decoder_inputs) <= 128
+    assert "forward" not in vars(webui.sd_model.first_stage_model.encoder)
+    assert _status_bytes("VmHWM:") < 22 * GIB
+
+
+def test_sdxl_hires_lanczos_1024_to_2048_encodes_in_tiles(sdxl, webui, txt2img, peak_rss, encoder_inputs,
+                                                         decoder_inputs):
+    """The Hires. fix encodes the Lanczos-upscaled first pass inside p.sample: in tiles too."""
+    result = txt2img(width=1024, height=1024, steps=2, enable_hr=True, hr_scale=2, hr_upscaler="Lanczos",
+                     denoising_strength=0.5, hr_second_pass_steps=2, alwayson_scripts=scalefusion(method="ScaleCrafter"))
+    peak_rss["what"] = "tiny SDXL, Hires. fix 1024 -> 2048 (Lanczos), ScaleCrafter, 2 + 2 Euler steps"
+    assert result.status == 200, result.json
+    assert result.size == (2048, 2048)
+    assert len(encoder_inputs) > 2 and max(max(s) for s in encoder_inputs) <= 1024
+    assert max(max(s) for s in decoder_inputs) <= 128
+    assert "forward" not in vars(webui.sd_model.first_stage_model.encoder)
+    assert _status_bytes("VmHWM:") < 22 * GIB
 
 
 @pytest.fixture
