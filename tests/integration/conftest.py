@@ -27,7 +27,13 @@ FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test
          "--skip-load-model-at-start", "--opt-sdp-attention"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "runs_last: leaves the WebUI's model slightly changed (a WebUI round trip "
+                                       "such as fp8 storage on and off): run after every other test")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)  # stable: the rest keep order
     if WEBUI_DIR:
         return
     skip = pytest.mark.skip(reason="WEBUI_DIR is not set: no WebUI install to test against")

@@ -128,36 +128,6 @@ def test_in_step_taesd_previews_of_medvram_are_decoded_small(webui, txt2img, mon
     assert_clean(webui, txt2img, fresh_plain)
 
 
-def test_fp8_storage_with_dispersion(webui, txt2img, fresh_plain):
-    """fp8 storage on a CPU computes under a bfloat16 autocast; dispersion used to crash there."""
-    from modules import sd_models
-
-    fp8 = dict(width=256, height=256, steps=2, override_settings={"fp8_storage": "Enable"})
-    try:
-        plain = txt2img(**fp8)
-        result = txt2img(**fp8, alwayson_scripts=scalefusion(**SC_2X, dispersion=True))
-        assert result.status == 200, result.json
-        assert result.params().get("FP8 weight") == "Enable" and result.params()["ScaleCrafter dispersion"] == "True"
-        assert not np.array_equal(result.image, plain.image)
-        again = txt2img(**fp8)
-        assert again.status == 200 and np.array_equal(again.image, plain.image)  # nothing left installed
-    finally:
-        # Leaving fp8, the WebUI reloads the weights through fp16 (load_model_weights: "model.half()" while
-        # devices.fp8): one more reload from the file gives the exact fp32 weights back for the next tests.
-        assert txt2img().status == 200
-        reload_exact_weights()
-    assert_clean(webui, txt2img, fresh_plain)
-
-
-def reload_exact_weights():
-    """The checkpoint's weights from the file again, and no conds cached from before."""
-    from modules import processing, sd_models
-
-    sd_models.reload_model_weights(forced_reload=True)
-    processing.StableDiffusionProcessing.cached_c = [None, None]
-    processing.StableDiffusionProcessing.cached_uc = [None, None]
-
-
 def test_lora_functional_gives_the_merged_image(webui, txt2img, fresh_plain):
     import sys
 
@@ -181,3 +151,36 @@ def test_lora_functional_gives_the_merged_image(webui, txt2img, fresh_plain):
         # restored there) and the next plain image a level off; reload and forget the cached conds.
         reload_exact_weights()
     assert_clean(webui, txt2img, fresh_plain)
+
+
+@pytest.mark.runs_last
+def test_fp8_storage_with_dispersion(webui, txt2img):
+    """fp8 storage on a CPU computes under a bfloat16 autocast; dispersion used to crash there.
+
+    Runs last: entering and leaving fp8 the WebUI passes the model through half() (``load_model_weights``), and
+    the plain images after it are no longer bit-identical to a fresh server's, with or without ScaleFusion. That
+    nothing of ours is left is checked inside fp8: the plain fp8 image before and after is the same."""
+    from tests.integration.test_api_scalecrafter import hooks_left
+
+    fp8 = dict(width=256, height=256, steps=2, override_settings={"fp8_storage": "Enable"})
+    try:
+        plain = txt2img(**fp8)
+        result = txt2img(**fp8, alwayson_scripts=scalefusion(**SC_2X, dispersion=True))
+        assert result.status == 200, result.json
+        assert result.params().get("FP8 weight") == "Enable" and result.params()["ScaleCrafter dispersion"] == "True"
+        assert not np.array_equal(result.image, plain.image)
+        assert hooks_left(webui) == 0
+        again = txt2img(**fp8)
+        assert again.status == 200 and np.array_equal(again.image, plain.image)
+    finally:
+        assert txt2img().status == 200  # back out of fp8
+        reload_exact_weights()
+
+
+def reload_exact_weights():
+    """The checkpoint's weights from the file again, and no conds cached from before."""
+    from modules import processing, sd_models
+
+    sd_models.reload_model_weights(forced_reload=True)
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
