@@ -35,15 +35,30 @@ class FakeModel:
         self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = family == "sd1", family == "sd2", family == "sdxl", False
         self.parameterization = "eps"
         self.sd_checkpoint_info = SimpleNamespace(name_for_extra=name)
-        self.first_stage_model = SimpleNamespace(dtype=torch.float32, decoder=SimpleNamespace(
-            conv_in=SimpleNamespace(out_channels=32)))
-        self.decoded: list[tuple[int, int]] = []
+        self.first_stage_model = SimpleNamespace(dtype=torch.float32, decoder=FakeDecoder())
+
+    @property
+    def decoded(self) -> list[tuple[int, int]]:
+        """The latent sizes the VAE decoder saw (tiles, where the job tiles the decode)."""
+        return self.first_stage_model.decoder.seen
 
     def apply_model(self, x, t, cond):
         return self.ldm.apply_model(x, t, cond["c_crossattn"][0])
 
     def decode_first_stage(self, z):
-        self.decoded.append(tuple(z.shape[-2:]))
+        return self.first_stage_model.decoder(z)
+
+
+class FakeDecoder(torch.nn.Module):
+    """The VAE decoder module that ``decode_first_stage`` runs (the job tiles at this module's ``forward``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in = SimpleNamespace(out_channels=32)
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, z):
+        self.seen.append(tuple(z.shape[-2:]))
         return F.interpolate(z[:, :3], scale_factor=8, mode="nearest")
 
 
@@ -281,6 +296,9 @@ class FakeTxt2Img:
         self.samplers.append(self.sampler)
         if self.job is not None:
             self.job.start_pass(self, x)
+
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        """Txt2img has no init images to encode."""
 
     def sample(self, *args, **kwargs):
         self.sampler = FakeSampler(self.webui, self.k_diffusion, **self.sampler_options)
