@@ -215,9 +215,7 @@ class LargeOutputGuard:
         original = sd_model.decode_first_stage
 
         def decode_first_stage(z, *args, **kwargs):
-            if self.in_step and isinstance(z, torch.Tensor) and z.dim() == 4:
-                z = shrink_latent(z)
-            return original(z, *args, **kwargs)
+            return self._decode(original, z, *args, **kwargs)
 
         self.models.append(sd_model)
         self.patches.append(InstancePatch(sd_model, "decode_first_stage", decode_first_stage))
@@ -228,6 +226,11 @@ class LargeOutputGuard:
         if isinstance(latent, torch.Tensor):
             self.state.current_latent = shrink_latent(latent)
         return self._set_preview()
+
+    def _decode(self, decode_first_stage, z, *args, **kwargs):
+        if self.in_step and isinstance(z, torch.Tensor) and z.dim() == 4:
+            z = shrink_latent(z)
+        return decode_first_stage(z, *args, **kwargs)
 
     def remove(self) -> None:
         for tiling in reversed(self.tilings):
