@@ -329,7 +329,7 @@ class DemoFusionRun:
         state.processing_has_refined_job_count = True
 
     def _sample_stage(self, stage, z, c, uc, engine, jitter, hints):
-        from modules import rng, sd_samplers, shared
+        from modules import rng, sd_samplers
 
         p = self.p
         z_up = upsample_latent(z, stage.latent_size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import weakref
 from typing import Callable
 
-from lib_hires.settings import DF, SC, TITLE, ScaleFusionSettings, SettingsError
+from lib_hires.settings import DF, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import short_source, size_warnings
 
 from . import decoding, model_info, xyz
