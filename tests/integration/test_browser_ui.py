@@ -231,6 +231,7 @@ def test_enable_switch_methods_size_header_and_limit(ui, server):
 
     # ScaleCrafter (the default): its controls only
     assert ui.visible("dilation_multiplier") and ui.visible("main_row_1") and not ui.visible("scale")
+    assert ui.visible("noise_damped_cfg") and not ui.visible("stage_strength")  # row 1 holds both methods' fields
     ui.set_size("width", 1024)
     ui.set_size("height", 1024)
     header = ui.wait_header(lambda t: t.startswith("1024×1024"), "1024×1024")
@@ -238,7 +239,8 @@ def test_enable_switch_methods_size_header_and_limit(ui, server):
 
     ui.choose("method", "DemoFusion")
     page.wait_for_function(f"() => document.getElementById('{ID}scale').offsetParent !== null", timeout=30_000)
-    assert not ui.visible("dilation_multiplier") and not ui.visible("main_row_1")
+    assert not ui.visible("dilation_multiplier") and not ui.visible("noise_damped_cfg")
+    assert ui.visible("main_row_1") and ui.visible("stage_strength") and ui.visible("stages")
     _open(ui, ui_layout.ADVANCED, True)
     assert ui.visible("stride") and ui.visible("native_size") and not ui.visible("stop_at")
     ui.wait_header(lambda t: "→ 2048×2048" in t, "DemoFusion's final size")
