@@ -28,17 +28,11 @@ import time
 
 import torch
 
-from lib_hires.vae_tiles import available_ram_bytes, choose_tile, decoder_peak_bytes, default_overlap, tiled_decode
-from tools.peak_memory import peak_rss, reset_peak_rss
+from lib_hires.vae_tiles import decoder_peak_bytes, default_overlap, tiled_decode
+from tools.peak_memory import GIB, free_memory, peak_rss, reset_peak_rss, resolve_vae_args
 from tools.vae_factory import build_decoder
 
-GIB = 2 ** 30
 
-
-def free_memory(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info()[0]
-    return available_ram_bytes() or 8 * GIB
 
 
 def decode_once(mode: str, pixels: int, args) -> dict:
@@ -93,12 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    args.dtype = args.dtype or ("float16" if cuda else "float32")
-    args.width = args.width if args.width is not None else (1.0 if cuda else 0.25)
-    element = torch.finfo(getattr(torch, args.dtype)).bits // 8
-    channels = build_decoder(args.width).conv_in.out_channels
-    args.tile = args.tile or choose_tile(free_memory(args.device), element, channels)
+    cuda, element, channels = resolve_vae_args(args, cpu_width=0.25)
     torch.set_flush_denormal(True)
     if args.child:
         mode, pixels = args.child.split(":")

@@ -27,3 +27,33 @@ def peak_rss(since_reset: bool) -> int:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+GIB = 2 ** 30
+
+
+def free_memory(device: str) -> int:
+    """Bytes a benchmark may use on ``device`` now (8 GiB where the host's free memory cannot be read)."""
+    import torch
+    from lib_hires.vae_tiles import available_ram_bytes
+
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info()[0]
+    return available_ram_bytes() or 8 * GIB
+
+
+def resolve_vae_args(args, cpu_width: float) -> tuple[bool, int, int]:
+    """Fills the VAE benchmarks' defaults that depend on the device: fp16 and full width on CUDA, fp32 and
+    ``cpu_width`` on a CPU, and the tile the extension would pick here. Returns (CUDA?, bytes per value, the
+    decoder's conv_in channels)."""
+    import torch
+    from lib_hires.vae_tiles import choose_tile
+    from tools.vae_factory import build_decoder
+
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("float16" if cuda else "float32")
+    args.width = args.width if args.width is not None else (1.0 if cuda else cpu_width)
+    element = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    channels = build_decoder(args.width).conv_in.out_channels
+    args.tile = args.tile or choose_tile(free_memory(args.device), element, channels)
+    return cuda, element, channels
