@@ -164,6 +164,7 @@ class ForgeServer:
     def start(self, timeout: float) -> "ForgeServer":
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)  # Forge must import its own modules, not this checkout's tests
+        env.pop("IGNORE_CMD_ARGS_ERRORS", None)  # set for in-process imports (tiny_sdxl.py): the server is strict
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
