@@ -158,7 +158,10 @@ class ForgeServer:
 
     def command(self) -> list[str]:
         python = os.environ.get("FORGE_PYTHON") or str(self.root / "venv" / "bin" / "python")
-        return [python, "launch.py", *FLAGS, "--port", str(self.port), "--data-dir", str(self.data),
+        # Forge lets gradio serve files only from the data dir by default: with a data dir of its own, its own
+        # script.js / javascript/*.js (input accordions, hints) and this checkout's javascript/ would answer 403.
+        allowed = [flag for path in (self.root, REPO) for flag in ("--gradio-allowed-path", str(path))]
+        return [python, "launch.py", *FLAGS, "--port", str(self.port), "--data-dir", str(self.data), *allowed,
                 "--ckpt", str(self.checkpoint), *self.extra_args]
 
     def start(self, timeout: float) -> "ForgeServer":
