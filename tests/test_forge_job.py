@@ -230,3 +230,16 @@ def test_demofusion_calls_out_to_forges_run(model, monkeypatch):
     p = FakeForgeTxt2Img(model)
     run_forge_job(p, settings(method="DemoFusion"))
     assert calls == [("init", "DemoFusion"), ("run", "sd1"), ("pass", (16, 16))]
+
+
+def test_post_sample_hands_big_decodes_to_forges_decoding_where_there_is_one(model, monkeypatch):
+    job = ForgeJob(FakeForgeTxt2Img(model), settings())
+    ps = types.SimpleNamespace(samples=torch.zeros(1, 4, 8, 8))
+    monkeypatch.setitem(sys.modules, "lib_hires.forge.decoding", None)
+    job.post_sample(job.p, ps)  # none in this build: Forge decodes as usual
+    seen = []
+    module = types.ModuleType("lib_hires.forge.decoding")
+    module.post_sample = lambda p, ps: seen.append((p, ps))
+    monkeypatch.setitem(sys.modules, "lib_hires.forge.decoding", module)
+    job.post_sample(job.p, ps)
+    assert seen == [(job.p, ps)]
