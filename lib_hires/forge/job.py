@@ -154,7 +154,6 @@ class ForgeJob:
         p.sd_model.forge_objects.unet = patcher
         return active
 
-    @staticmethod
     def post_sample(self, p, ps) -> None:
         """``Script.post_sample``: the decode of a big latent goes to ``lib_hires.forge.decoding`` (tiles with
         whole-image GroupNorm statistics) where this build has it; Forge's own decode runs otherwise."""
