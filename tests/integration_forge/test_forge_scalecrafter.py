@@ -74,6 +74,14 @@ def test_hires_fix_passes(forge, fresh_plain):
     assert np.array_equal(forge.txt2img().image, fresh_plain.image)
 
 
+def test_img2img(forge, fresh_plain):
+    result = forge.img2img(alwayson_scripts=SMALL_SC, denoising_strength=0.75, **SMALL)
+    plain = forge.img2img(denoising_strength=0.75, **SMALL)
+    assert result.status == plain.status == 200 and result.size == (256, 256), result
+    assert differs(result.image, plain.image) and "ScaleCrafter preset: " in result.infotext
+    assert np.array_equal(forge.txt2img().image, fresh_plain.image)
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(noise_damped_cfg="sometimes"), "noise_damped_cfg must be one of"),
     (dict(stop_at=1.5), "stop_at must be a number in (0, 1]"),
