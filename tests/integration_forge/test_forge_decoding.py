@@ -93,3 +93,24 @@ def test_forges_encode_of_a_big_image_goes_through_tiles(forge_vae):
     assert tiled.shape == (1, 4, 16, 16) and max(max(s) for s in seen) <= 64  # the encoder saw tiles only
     # Forge's quant_conv and posterior (its regulation here) on the moments assembled from the tiles
     torch.testing.assert_close(tiled, moments.chunk(2, dim=1)[0])
+
+
+def test_a_forge_jobs_big_latent_is_decoded_in_tiles_by_the_server(forge, fresh_plain):
+    """Through the API: a ScaleFusion job's decode with a 16-latent-px tile (this request only) goes through
+    lib_hires.forge.decoding's tiles; the image is the untiled one's up to the tiles' attention, not equal to it."""
+    from tests.integration_forge.conftest import scalefusion
+
+    request = dict(width=256, height=256, steps=2, alwayson_scripts=scalefusion(method="ScaleCrafter"))
+    log_start = len(forge.log_tail(10 ** 9))
+    whole = forge.txt2img(**request)
+    tiled = forge.txt2img(**request, override_settings={"scalefusion_decode_tile": 16},
+                          override_settings_restore_afterwards=True)
+    assert whole.status == 200 and tiled.status == 200, (whole, tiled)
+    assert tiled.size == whole.size == (256, 256)
+    difference = abs(tiled.image.astype(int) - whole.image.astype(int))
+    assert 0 < difference.mean() < 8, difference.mean()
+    again = forge.txt2img(**request)
+    assert (again.image == whole.image).all()  # the option was for that request only
+    plain = forge.txt2img()
+    assert plain.status == 200 and (plain.image == fresh_plain.image).all()  # nothing left installed
+    assert "Traceback" not in forge.log_tail(10 ** 9)[log_start:]
