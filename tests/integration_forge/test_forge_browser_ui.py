@@ -21,7 +21,7 @@ ID = ui_layout.ELEM_PREFIX.format(tab=TAB)
 
 
 @pytest.fixture(scope="module")
-def page(forge):
+def page(forge_servers):
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed in this interpreter")
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
@@ -34,7 +34,7 @@ def page(forge):
         page.on("pageerror", lambda error: page.errors.append(("pageerror", str(error), error.stack or "")))
         page.on("console", lambda msg: page.errors.append(("console", msg.text, msg.location.get("url", "")))
                 if msg.type == "error" else None)
-        page.goto(forge.url + "/", timeout=180_000)
+        page.goto(forge_servers.get().url + "/", timeout=180_000)
         page.locator(f"#{ID}{ui_layout.ENABLE}").wait_for(state="visible", timeout=180_000)
         page.locator(f"#{ID}{ui_layout.ENABLE}-visible-checkbox").wait_for(state="attached", timeout=60_000)
         yield page
