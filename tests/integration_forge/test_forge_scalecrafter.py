@@ -61,7 +61,8 @@ def test_noise_damped_cfg_and_dispersion_change_the_image_and_leave_nothing(forg
 
 
 def test_hires_fix_passes(forge, fresh_plain):
-    hires = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", denoising_strength=0.6, hr_second_pass_steps=2,
+    hires = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", denoising_strength=0.9, hr_second_pass_steps=4,
+                 hr_additional_modules=["Use same choices"],  # Forge's API fails on its default None
                  width=128, height=128, steps=2)
     both = forge.txt2img(alwayson_scripts=scalefusion(native_size=128, passes="both", **SC), **hires)
     first_only = forge.txt2img(alwayson_scripts=scalefusion(native_size=128, passes="first", **SC), **hires)
