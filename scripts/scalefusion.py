@@ -9,6 +9,9 @@ import html
 
 from modules import script_callbacks, scripts, shared
 
+from lib_hires.forge import is_forge_model
+from lib_hires.forge import model as forge_model
+from lib_hires.forge.job import ForgeJob
 from lib_hires.settings import DF, FIELDS, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import demofusion_summary, scalecrafter_summary
 from lib_hires.webui import decoding, job, model_info, options, ui, xyz
@@ -42,7 +45,8 @@ def _paste_target(field):
 
 def _summarize(settings: ScaleFusionSettings, width: int, height: int) -> tuple[str, str]:
     try:
-        info = model_info.describe(shared.sd_model, settings.native_size)
+        describe = forge_model.describe if is_forge_model(shared.sd_model) else model_info.describe
+        info = describe(shared.sd_model, settings.native_size)
     except (model_info.UnsupportedModelError, AttributeError) as error:
         return html.escape(str(error)), ""
     if settings.method == DF:
@@ -93,7 +97,8 @@ class ScaleFusionScript(scripts.Script):
         return self.accordion.components
 
     def before_process(self, p, *args):
-        job.begin(p, args, lambda: options.defaults(shared.opts, getattr(p, "override_settings", None)))
+        job_class = ForgeJob if is_forge_model(p.sd_model) else None  # the kind of model fixes the job's adapters
+        job.begin(p, args, lambda: options.defaults(shared.opts, getattr(p, "override_settings", None)), job_class)
 
     def process(self, p, *args):
         active = job.job_of(p)
@@ -106,7 +111,7 @@ class ScaleFusionScript(scripts.Script):
             active.start_pass(p, kwargs["x"])
 
     def post_sample(self, p, ps, *args):
-        if job.job_of(p) is not None:
+        if isinstance(job.job_of(p), job.Job):  # Forge decodes with its own VAE path
             decoding.post_sample(p, ps)
 
     def postprocess(self, p, processed, *args):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .plan import ScaleCrafterPlan
-from .redilated_conv import RedilationHandle
+from .redilated_conv import RedilationHandle, WeightGetter
 
 
 class ScaleCrafterController:
@@ -17,12 +17,12 @@ class ScaleCrafterController:
     Each UNet call reads its timestep ``t`` (positional or ``timesteps=``) and latent size. A call
     whose latent size is not the plan's (another pass, a ControlNet, a tile) runs vanilla. Inside
     ``base_pass()`` calls use the noise-damped CFG base set. ``remove()`` (or leaving the ``with``
-    block) restores the UNet exactly, also after an exception.
+    block) restores the UNet exactly, also after an exception. ``weights``: see :class:`RedilationHandle`.
     """
 
-    def __init__(self, unet: nn.Module, plan: ScaleCrafterPlan):
+    def __init__(self, unet: nn.Module, plan: ScaleCrafterPlan, weights: WeightGetter | None = None):
         self.plan = plan
-        self.handle = RedilationHandle(unet, plan.hooked_paths)
+        self.handle = RedilationHandle(unet, plan.hooked_paths, weights)
         try:
             self._pre_hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
         except BaseException:

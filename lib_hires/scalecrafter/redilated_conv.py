@@ -6,6 +6,12 @@ class level) has already happened when the call reaches an instance-level ``_con
 ``weight`` argument is the kernel to use. Overriding nothing else keeps module trees, parameters and
 state-dict keys untouched.
 
+Conv classes whose ``forward`` computes the kernel itself and does not always reach the instance's
+``_conv_forward`` (Forge's ``ForgeOperations.Conv2d`` calls ``super()._conv_forward`` outside its manual-cast
+branch) get a :class:`ForwardConvHook` instead: it overrides the instance ``forward`` and takes the kernel and
+bias from an injected weight getter that computes them as that class's own ``forward`` would (so whatever the
+class applies to its weight, LoRA deltas, scales, casts, still applies). Nothing here knows that class.
+
 Dispersed convs never form their 5x5 kernel: ``dispersed_conv2d`` computes the conv with it from the
 3x3 ``weight`` and the dispersion transform, so nothing is derived, cached or copied per conv.
 """
@@ -14,7 +20,7 @@ from __future__ import annotations
 import math
 import weakref
 from contextlib import contextmanager
-from typing import Collection, Iterator, Mapping
+from typing import Callable, Collection, ContextManager, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -104,18 +110,20 @@ class _Transform:
         return r
 
 
-class ConvHook:
-    """The ``_conv_forward`` of one conv while it is hooked: vanilla until given a factor > 1."""
+class _InstanceHook:
+    """One conv's instance attribute ``ATTR`` while it is hooked: vanilla (the previous value) until given a
+    factor > 1; ``uninstall`` puts back exactly what the instance had, also when hooks come off out of order."""
 
+    ATTR = ""
     __slots__ = ("path", "_conv", "_inner", "_previous", "_had_own", "_transform", "factor", "dispersed",
                  "detached", "__weakref__")
 
     def __init__(self, conv: nn.Conv2d, path: str, transform: "_Transform"):
         self.path = path
         self._conv = weakref.ref(conv)
-        self._had_own = "_conv_forward" in conv.__dict__
-        self._previous = conv.__dict__.get("_conv_forward")
-        self._inner = conv._conv_forward  # another extension's override, or the bound torch method
+        self._had_own = self.ATTR in conv.__dict__
+        self._previous = conv.__dict__.get(self.ATTR)
+        self._inner = getattr(conv, self.ATTR)  # another extension's override, or the bound class method
         self._transform = transform
         self.factor = 1.0
         self.dispersed = False
@@ -125,12 +133,9 @@ class ConvHook:
     def conv(self) -> nn.Conv2d | None:
         return self._conv()
 
-    def __call__(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        factor = self.factor
-        conv = self._conv()
-        if factor <= 1.0 or self.detached or conv is None:
-            return self._inner(input, weight, bias)
-        transform = None
+    def _redilated(self, conv: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+        factor, transform = self.factor, None
         if self.dispersed:
             transform = self._transform.on(input)
             factor = factor / 2  # the 5x5 dispersed kernel already spans twice the 3x3 one
@@ -140,21 +145,59 @@ class ConvHook:
 
     def install(self) -> None:
         conv = self._conv()
-        conv._conv_forward = self
+        setattr(conv, self.ATTR, self)
 
     def uninstall(self) -> None:
         conv = self._conv()
         self.detached = True
-        if conv is None or conv.__dict__.get("_conv_forward") is not self:
+        if conv is None or conv.__dict__.get(self.ATTR) is not self:
             # Someone wrapped us afterwards; staying in their chain as a pass-through keeps it valid.
             return
         previous, had_own = self._previous, self._had_own
-        while isinstance(previous, ConvHook) and previous.detached:  # skip hooks removed out of order
+        while isinstance(previous, _InstanceHook) and previous.detached:  # skip hooks removed out of order
             previous, had_own = previous._previous, previous._had_own
         if had_own:
-            conv._conv_forward = previous
+            setattr(conv, self.ATTR, previous)
         else:
-            del conv._conv_forward
+            delattr(conv, self.ATTR)
+
+
+class ConvHook(_InstanceHook):
+    """The ``_conv_forward`` of one conv while it is hooked: the kernel is the ``weight`` argument, as the
+    conv's own ``forward`` computed it."""
+
+    ATTR = "_conv_forward"
+    __slots__ = ()
+
+    def __call__(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        conv = self._conv()
+        if self.factor <= 1.0 or self.detached or conv is None:
+            return self._inner(input, weight, bias)
+        return self._redilated(conv, input, weight, bias)
+
+
+WeightGetter = Callable[[nn.Conv2d, torch.Tensor], ContextManager[tuple[torch.Tensor, "torch.Tensor | None"]]]
+
+
+class ForwardConvHook(_InstanceHook):
+    """The ``forward`` of one conv while it is hooked, for conv classes whose ``forward`` does not always reach
+    the instance's ``_conv_forward``. ``weights(conv, input)`` is a context manager giving the final kernel and
+    bias for this input, as the class's ``forward`` computes them, and holding for the conv whatever that
+    computation needs held (a copy stream's event, say); while vanilla, the previous ``forward`` runs."""
+
+    ATTR = "forward"
+    __slots__ = ("_weights",)
+
+    def __init__(self, conv: nn.Conv2d, path: str, transform: "_Transform", weights: WeightGetter):
+        super().__init__(conv, path, transform)
+        self._weights = weights
+
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:
+        conv = self._conv()
+        if self.factor <= 1.0 or self.detached or conv is None:
+            return self._inner(input)
+        with self._weights(conv, input) as (weight, bias):
+            return self._redilated(conv, input, weight, bias)
 
 
 def _resolve_convs(unet: nn.Module, paths: Collection[str]) -> dict[str, nn.Conv2d]:
@@ -175,13 +218,17 @@ class RedilationHandle:
     """Hooks on a set of convs whose factors can be changed between UNet calls; undone by ``remove``.
 
     Until ``set_factors`` gives a conv a factor above 1 it runs exactly as before, so a handle can stay
-    installed for a whole job and be driven per call.
+    installed for a whole job and be driven per call. Without ``weights`` the convs' ``_conv_forward`` is
+    hooked; with a weight getter, their ``forward`` (:class:`ForwardConvHook`).
     """
 
-    def __init__(self, unet: nn.Module, paths: Collection[str]):
+    def __init__(self, unet: nn.Module, paths: Collection[str], weights: WeightGetter | None = None):
         convs = _resolve_convs(unet, paths)  # validate every path before touching any module
         self.transform = _Transform(dispersion_transform())
-        self.hooks = {path: ConvHook(conv, path, self.transform) for path, conv in convs.items()}
+        if weights is None:
+            self.hooks = {path: ConvHook(conv, path, self.transform) for path, conv in convs.items()}
+        else:
+            self.hooks = {path: ForwardConvHook(conv, path, self.transform, weights) for path, conv in convs.items()}
         for hook in self.hooks.values():
             hook.install()
         self.removed = False

@@ -299,11 +299,12 @@ def fresh_infotext(p) -> None:
                                  if not _own_infotext_key(k)}
 
 
-def begin(p, args, defaults: Callable[[], ScaleFusionSettings]) -> Job | None:
+def begin(p, args, defaults: Callable[[], ScaleFusionSettings], job_class=None) -> Job | None:
     """``before_process``: parses the settings, refuses what cannot work, wraps ``p.sample``.
 
     ``defaults()`` gives the user's saved defaults with this request's ``override_settings`` applied (the
-    WebUI applies those to the options only after ``before_process``).
+    WebUI applies those to the options only after ``before_process``). ``job_class`` (default :class:`Job`)
+    is the job for this kind of model (Forge's: ``lib_hires.forge.job.ForgeJob``).
     """
     remove_all_hooks()
     setattr(p, JOB_ATTR, None)
@@ -318,7 +319,7 @@ def begin(p, args, defaults: Callable[[], ScaleFusionSettings]) -> Job | None:
         return None
     if not settings.enabled:
         return None
-    job = Job(p, settings)
+    job = (job_class or Job)(p, settings)
     setattr(p, JOB_ATTR, job)
     return job
 

@@ -1,0 +1,172 @@
+"""One generation with ScaleFusion on in Forge, from ``before_process`` to the end of sampling.
+
+The same lifecycle and messages as :class:`lib_hires.webui.job.Job`: the settings are parsed in
+``before_process`` (by :func:`lib_hires.webui.job.begin`, which builds this job for a Forge model), the model and
+the request are checked when ``p.sample`` starts (the checkpoint is loaded only after ``before_process`` in Forge),
+and a pass is armed in ``process_before_every_sampling``. Forge calls that hook after it has reset
+``forge_objects`` for the pass, and twice for the hires pass (before and after a second reset): every call first
+removes what the previous one armed, so the last one, on the objects that sample, is what counts. Everything a pass
+installs comes off when ``p.sample`` returns or raises (an interrupt returns), and again, idempotently, in
+``postprocess``.
+
+DemoFusion in Forge is ``lib_hires.forge.demofusion.ForgeDemoFusionRun(p, job, original_sample)``: called in place
+of ``p.sample`` (it refuses what it cannot run there, before sampling) and told of every pass by
+``run.start_pass(p, x)``.
+"""
+from __future__ import annotations
+
+import importlib
+
+from lib_hires.settings import DF, TITLE, ScaleFusionSettings, SettingsError
+from lib_hires.summary import short_source, size_warnings
+from lib_hires.webui.job import _live_hooks
+from lib_hires.webui.messages import RequestError, log
+from lib_hires.webui.model_info import ModelInfo, UnsupportedModelError
+from lib_hires.webui.scalecrafter_pass import plan_for_latent
+
+from . import model as forge_model
+from .scalecrafter import ForgeScaleCrafterPass
+
+DEMOFUSION_MODULE = "lib_hires.forge.demofusion"
+NO_DEMOFUSION = (f"{TITLE}: DemoFusion is not available in Forge in this version of {TITLE}; use ScaleCrafter "
+                 "here, or DemoFusion in the AUTOMATIC1111 WebUI")
+
+
+def _demofusion_run(p, job, original_sample):
+    """Forge's DemoFusion run, or None where this build has none."""
+    try:
+        module = importlib.import_module(DEMOFUSION_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != DEMOFUSION_MODULE:
+            raise
+        return None
+    return module.ForgeDemoFusionRun(p, job, original_sample)
+
+
+def _refiner_reason(p) -> str | None:
+    """Forge's refiner switch reloads the model inside a denoiser step and samples on with fresh
+    ``forge_objects``: every extension's UNet patch of the pass is dropped there, ScaleCrafter's with them."""
+    switch_at = getattr(p, "refiner_switch_at", None)
+    if getattr(p, "refiner_checkpoint_info", None) is None or switch_at is None or switch_at >= 1:
+        return None
+    return (f"{TITLE}: ScaleCrafter cannot run with the refiner in Forge: its switch reloads the model during "
+            "sampling with fresh Forge objects, so the refiner's steps would run without re-dilation; turn the "
+            "refiner off (or use the AUTOMATIC1111 WebUI, where ScaleCrafter follows the refiner)")
+
+
+class ForgeJob:
+    def __init__(self, p, settings: ScaleFusionSettings):
+        self.settings = settings
+        self.p = p
+        self.info: ModelInfo | None = None
+        self.model = None          # the model object self.info was made for
+        self.hooks: list = []      # this pass's hooks
+        original_sample = p.sample
+        self.run = _demofusion_run(p, self, original_sample) if settings.method == DF else None
+
+        def sample(*args, **kwargs):
+            try:
+                self.model = p.sd_model
+                self.info = self._check_model(p)
+                self._check_request(p)
+                if self.run is not None:
+                    return self.run(*args, **kwargs)
+                return original_sample(*args, **kwargs)
+            finally:
+                self.end_pass()
+
+        p.sample = sample
+
+    def _check_model(self, p) -> ModelInfo:
+        try:
+            return forge_model.describe(p.sd_model, self.settings.native_size)
+        except UnsupportedModelError as error:
+            log(str(error))
+            raise RequestError(str(error)) from None
+
+    def _check_request(self, p) -> None:
+        """What cannot run is refused before any sampling starts."""
+        if self.settings.method == DF:
+            if self.run is None:
+                raise RequestError(NO_DEMOFUSION)
+            return  # the run checks its own request when called
+        reason = _refiner_reason(p)
+        if reason:
+            raise RequestError(reason)
+        sizes = [(p.width, p.height)]
+        if getattr(p, "enable_hr", False):
+            sizes.append((getattr(p, "hr_upscale_to_x", 0) or p.width, getattr(p, "hr_upscale_to_y", 0) or p.height))
+        for width, height in sizes:
+            try:
+                plan_for_latent(self.info, self.settings, (height // 8, width // 8))
+            except SettingsError as error:
+                raise RequestError(f"{TITLE}: {error}") from None
+
+    def write_infotext(self, p) -> None:
+        p.extra_generation_params.update(self.settings.to_infotext())
+
+    def start_pass(self, p, x) -> None:
+        """``process_before_every_sampling``: arms what this pass needs on the objects Forge samples with now."""
+        self.end_pass()
+        if self.info is None:  # before p.sample (not reached in Forge), or the job was refused
+            return
+        if self.run is not None:
+            self.run.start_pass(p, x)
+            return
+        is_hires = bool(getattr(p, "is_hr_pass", False))
+        if getattr(p, "enable_hr", False) and not self.settings.applies_to_pass(is_hires):
+            return
+        key = "ScaleCrafter hires preset" if is_hires else "ScaleCrafter preset"
+        if p.sd_model is not self.model:  # a hires pass on another checkpoint
+            self.model = p.sd_model
+            try:
+                self.info = forge_model.describe(p.sd_model, self.settings.native_size)
+            except UnsupportedModelError as error:  # raised here, Forge would swallow it: said so, runs vanilla
+                self.info = None
+                self._say_vanilla(p, key, str(error))
+                return
+        self.arm_scalecrafter(p, tuple(x.shape[-2:]), key)
+
+    def arm_scalecrafter(self, p, latent_hw, infotext_key: str) -> ForgeScaleCrafterPass | None:
+        """Re-dilation for latents of ``latent_hw`` on a clone of the UnetPatcher that samples next, which
+        becomes ``forge_objects.unet``; None where the plan does nothing (said in the infotext either way)."""
+        try:
+            plan = plan_for_latent(self.info, self.settings, latent_hw)
+        except SettingsError as error:
+            # The job's first model was checked before sampling; this is a model switched to since.
+            self._say_vanilla(p, infotext_key, str(error))
+            return None
+        p.extra_generation_params[infotext_key] = short_source(plan.preset.source)
+        log(plan.describe())
+        for warning in size_warnings(plan.width, plan.height):
+            log(f"warning: {warning}")
+        if plan.is_noop:
+            return None
+        patcher = forge_model.unet_patcher(p.sd_model).clone()
+        active = ForgeScaleCrafterPass(plan, self.info, patcher)
+        self._add(active)
+        p.sd_model.forge_objects.unet = patcher
+        return active
+
+    @staticmethod
+    def _say_vanilla(p, infotext_key: str, reason: str) -> None:
+        name = getattr(getattr(p.sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "this model"
+        log(f"warning: {name} runs without ScaleCrafter ({reason})")
+        p.extra_generation_params[infotext_key] = f"none ({name}: {reason})"
+
+    def _add(self, hook) -> None:
+        self.hooks.append(hook)
+        _live_hooks.add(hook)
+
+    @property
+    def active(self) -> ForgeScaleCrafterPass | None:
+        return next((h for h in self.hooks if isinstance(h, ForgeScaleCrafterPass)), None)
+
+    def end_pass(self) -> None:
+        while self.hooks:
+            hook = self.hooks.pop()
+            hook.remove()
+            _live_hooks.discard(hook)
+
+    def finish(self) -> None:
+        self.end_pass()
