@@ -48,6 +48,12 @@ def _component(f: Field, value, elem_id: Callable[[str], str], visible: bool):
                **args)
 
 
+def _min_width(value: int) -> dict:
+    """``min_width`` for an HTML component: gradio 3 (A1111) takes it on every component; gradio 4's HTML (Forge)
+    has no such argument (Forge warns and drops it)."""
+    return {"min_width": value} if int(gr.__version__.split(".")[0]) < 4 else {}
+
+
 def build(defaults: ScaleFusionSettings, elem_id: Callable[[str], str]) -> Accordion:
     """Creates the components inside the current gradio Blocks context (called again by the API: no state).
 
@@ -72,7 +78,7 @@ def build(defaults: ScaleFusionSettings, elem_id: Callable[[str], str]) -> Accor
     with InputAccordion(defaults.enabled, label=TITLE, elem_id=elem_id(ui_layout.ENABLE)) as enabled:
         with enabled.extra():
             with gr.Column(min_width=0, elem_id=elem_id(ui_layout.HEADER)):
-                acc.header = FormHTML(value="", min_width=0, elem_classes=["scalefusion-header"])
+                acc.header = FormHTML(value="", elem_classes=["scalefusion-header"], **_min_width(0))
         acc.by_name["enabled"] = enabled
         rows(ui_layout.MAIN)
         with gr.Accordion(ui_layout.LABELS[ui_layout.ADVANCED], open=False, elem_id=elem_id(ui_layout.ADVANCED)):
