@@ -396,58 +396,16 @@ def test_what_forge_cannot_run_is_refused_by_name():
     assert "SelfAttentionGuidance" in unsupported_reason(refusal_p(scripts=scripts, script_args=[False, 1, True, 1]))
 
 
-def test_redilation_is_refused_until_the_job_can_arm_it(monkeypatch):
+def test_redilation_of_the_global_path_is_refused_and_the_first_stage_needs_the_jobs_pass(monkeypatch):
     from lib_hires.forge import demofusion
     from lib_hires.settings import ScaleFusionSettings
 
     for name in ("unsupported_reason", "timestep_sampler_reason", "sampler_reason", "refiner_reason"):
         monkeypatch.setattr(demofusion, name, lambda p: None)
     settings = ScaleFusionSettings(enabled=True, method="DemoFusion", redilation="global path")
-    assert "re-dilation global path" in request_reason(refusal_p(), settings, SimpleNamespace())
+    job = SimpleNamespace(arm_scalecrafter=lambda p, latent_hw, key: None)
+    assert "global path (re-dilation global path) is not available in Forge" in request_reason(refusal_p(), settings, job)
+    assert "re-dilation both" in request_reason(refusal_p(), settings.replace(redilation="both"), job)
+    assert request_reason(refusal_p(), settings.replace(redilation="first stage"), job) is None
+    assert "first stage" in request_reason(refusal_p(), settings.replace(redilation="first stage"), SimpleNamespace())
     assert request_reason(refusal_p(), settings.replace(redilation="off"), SimpleNamespace()) is None
-
-
-class ForgeCFG:
-    """Forge's CFG path in miniature: ``forward`` stacks cond and uncond chunks of the whole latent, calls the
-    UnetPatcher's wrapper with ``apply_model`` as ``calc_cond_uncond_batch`` does, and combines the two."""
-
-    def __init__(self, model, wrapper):
-        self.model, self.wrapper = model, wrapper
-
-    def forward(self, x, sigma, uncond=None, cond=None, cond_scale=1.0, s_min_uncond=0.0, image_cond=None):
-        rows = torch.cat([x, x])
-        args = forge_args(rows, torch.cat([sigma, sigma]), {"c_crossattn": torch.cat([cond, uncond])}, [0, 1])
-        cond_pred, uncond_pred = self.wrapper(self.model.apply_model, args).chunk(2)
-        return uncond_pred + (cond_pred - uncond_pred) * cond_scale
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
-
-
-def test_a_stage_through_forges_path_matches_the_engines_stage(k_diffusion):
-    """Euler through the CFG path with the wrapper and the skip residual patch against the engine's
-    ``sample_stage`` (views around a CFG denoiser: the same sums in another order, hence a tolerance)."""
-    from lib_hires.demofusion import sample_stage
-
-    model = KModel(tiny_unet("sd1"))
-    g = torch.Generator().manual_seed(5)
-    z_up, noise = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
-    cond, uncond = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
-    sigmas = torch.tensor([6.0, 2.0, 0.7, 0.0])
-    cfg = ForgeCFG(model, ViewFunction(make_fused(model.predictor, seed=9)))
-    sampler = SimpleNamespace(model_wrap_cfg=cfg, func=k_diffusion.sampling.sample_euler)
-    patches = StageSampling(sampler, z_up, noise, 3.0, model.predictor.timestep, "Euler")
-    extra = {"cond": cond, "uncond": uncond, "cond_scale": 5.0, "s_min_uncond": 0.0, "image_cond": None}
-    out = sampler.func(cfg, z_up + sigmas[0] * noise, sigmas, extra_args=extra, disable=True)
-    patches.remove()
-
-    def guided(x, sigma):
-        both = model.apply_model(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                                 c_crossattn=torch.cat([cond.expand(len(x), -1, -1), uncond.expand(len(x), -1, -1)]))
-        c, u = both.chunk(2)
-        return u + (c - u) * 5.0
-
-    reference = sample_stage(guided, z_up, noise, sigmas, cosine_scale_1=3.0, sigma_to_t=model.predictor.timestep,
-                             jitter=torch.Generator().manual_seed(9), **GEOMETRY)
-    assert torch.allclose(out, reference, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(out, z_up, atol=1e-2)

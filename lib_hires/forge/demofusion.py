@@ -98,9 +98,14 @@ def refiner_reason(p) -> str | None:
 
 
 def redilation_reason(settings: ScaleFusionSettings, job) -> str | None:
-    if settings.redilation != "off" and not callable(getattr(job, "arm_demofusion_redilation", None)):
-        return (f"{TITLE}: ScaleCrafter inside DemoFusion (re-dilation {settings.redilation}) is not available in "
-                "Forge yet; set it to off")
+    """Stage 1 is Forge's own pass: the job re-dilates it as any ScaleCrafter pass. The global path would need
+    the re-dilation on the dilated samples' UNet calls only, while the local views of the same calls stay vanilla;
+    Forge's ScaleCrafter pass re-dilates every call of the UNet it is armed on."""
+    if settings.redilation in ("global path", "both"):
+        return (f"{TITLE}: ScaleCrafter on DemoFusion's global path (re-dilation {settings.redilation}) is not "
+                "available in Forge yet; set re-dilation to off or first stage")
+    if settings.redilation == "first stage" and not callable(getattr(job, "arm_scalecrafter", None)):
+        return f"{TITLE}: ScaleCrafter inside DemoFusion (re-dilation first stage) is not available here; set it to off"
     return None
 
 
@@ -108,6 +113,23 @@ def request_reason(p, settings: ScaleFusionSettings, job=None) -> str | None:
     """Everything DemoFusion refuses in Forge before sampling starts, in A1111's order."""
     return (unsupported_reason(p) or timestep_sampler_reason(p) or sampler_reason(p) or refiner_reason(p)
             or redilation_reason(settings, job))
+
+
+def check_request(p, settings: ScaleFusionSettings, info, job=None) -> None:
+    """Raises the 422 A1111's job raises for the same request: an unsupported configuration, a bad plan, a final
+    size past the limit."""
+    from lib_hires.webui.job import MAX_SIDE
+
+    reason = request_reason(p, settings, job)
+    if reason:
+        raise RequestError(reason)
+    try:
+        plan = stage_plan(settings, info, p.width, p.height)
+    except ValueError as error:
+        raise RequestError(str(error) if str(error).startswith(TITLE) else f"{TITLE}: {error}") from None
+    if max(plan.final.width, plan.final.height) > MAX_SIDE:
+        raise RequestError(f"{TITLE}: DemoFusion's final size {plan.final.width}x{plan.final.height} exceeds "
+                           f"{MAX_SIDE} px per side; lower scale ({settings.scale:g}) or Width/Height")
 
 
 def largest_call(height: int, width: int, engine: DemoFusionSettings, dilation: int) -> tuple[int, tuple[int, int]]:
@@ -238,9 +260,14 @@ class ForgeDemoFusionRun:
                                  later_steps=settings.later_steps, denoising_strength=self.p.denoising_strength)
 
     def start_pass(self, p, x) -> None:
-        """Stage 1 (Forge's own sampling): on SDXL, the final size in ``y``. Later stages install their views
-        themselves once every script has run (``StageViews``), so this does nothing for them."""
-        if self.stage is None or self.stage.index != 1 or self.size_cond is None:
+        """Stage 1 (Forge's own sampling): on SDXL, the final size in ``y``; re-dilation where it is asked for
+        (the job's own ScaleCrafter pass). Later stages install their views themselves once every script has run
+        (``StageViews``), so this does nothing for them."""
+        if self.stage is None or self.stage.index != 1:
+            return
+        if self.job.settings.redilation == "first stage":
+            self.job.arm_scalecrafter(p, tuple(x.shape[-2:]), "DemoFusion stage 1 preset")
+        if self.size_cond is None:
             return
         unet = p.sd_model.forge_objects.unet.clone()
         modifier = FinalSizeModifier(self.size_cond)
@@ -253,6 +280,7 @@ class ForgeDemoFusionRun:
             self.hooks.pop().remove()
 
     def __call__(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        check_request(self.p, self.job.settings, self.job.info, self.job)
         try:
             return self._stages(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)
         finally:
