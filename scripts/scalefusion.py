@@ -111,7 +111,10 @@ class ScaleFusionScript(scripts.Script):
             active.start_pass(p, kwargs["x"])
 
     def post_sample(self, p, ps, *args):
-        if isinstance(job.job_of(p), job.Job):  # Forge decodes with its own VAE path
+        active = job.job_of(p)
+        if isinstance(active, ForgeJob):
+            active.post_sample(p, ps)
+        elif active is not None:
             decoding.post_sample(p, ps)
 
     def postprocess(self, p, processed, *args):

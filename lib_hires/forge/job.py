@@ -28,19 +28,25 @@ from . import model as forge_model
 from .scalecrafter import ForgeScaleCrafterPass
 
 DEMOFUSION_MODULE = "lib_hires.forge.demofusion"
+DECODING_MODULE = "lib_hires.forge.decoding"
 NO_DEMOFUSION = (f"{TITLE}: DemoFusion is not available in Forge in this version of {TITLE}; use ScaleCrafter "
                  "here, or DemoFusion in the AUTOMATIC1111 WebUI")
 
 
-def _demofusion_run(p, job, original_sample):
-    """Forge's DemoFusion run, or None where this build has none."""
+def _optional_module(name: str):
+    """A Forge adapter module, or None where this build has none (an import error inside it still raises)."""
     try:
-        module = importlib.import_module(DEMOFUSION_MODULE)
+        return importlib.import_module(name)
     except ModuleNotFoundError as error:
-        if error.name != DEMOFUSION_MODULE:
+        if error.name != name:
             raise
         return None
-    return module.ForgeDemoFusionRun(p, job, original_sample)
+
+
+def _demofusion_run(p, job, original_sample):
+    """Forge's DemoFusion run, or None where this build has none."""
+    module = _optional_module(DEMOFUSION_MODULE)
+    return None if module is None else module.ForgeDemoFusionRun(p, job, original_sample)
 
 
 def _refiner_reason(p) -> str | None:
@@ -147,6 +153,13 @@ class ForgeJob:
         self._add(active)
         p.sd_model.forge_objects.unet = patcher
         return active
+
+    def post_sample(self, p, ps) -> None:
+        """``Script.post_sample``: the decode of a big latent goes to ``lib_hires.forge.decoding`` (tiles with
+        whole-image GroupNorm statistics) where this build has it; Forge's own decode runs otherwise."""
+        decoding = _optional_module(DECODING_MODULE)
+        if decoding is not None:
+            decoding.post_sample(p, ps)
 
     @staticmethod
     def _say_vanilla(p, infotext_key: str, reason: str) -> None:

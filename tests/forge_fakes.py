@@ -1,0 +1,313 @@
+"""Stand-ins for the pieces of Forge (main @ dfdcbab6) that ScaleFusion's Forge adapters meet, without Forge.
+
+``operations`` mirrors ``backend/operations.py``: ``get_weight_and_bias`` (``scale_weight``, then the online LoRA
+patches, here a plain additive delta in ``forge_online_loras``), ``weights_manual_cast`` (cast to the input's device
+and dtype) and ``main_stream_worker`` (records that it is held). ``ForgeConv2d.forward`` is
+``ForgeOperations.Conv2d.forward``: the instance ``_conv_forward`` in the manual-cast branch,
+``super()._conv_forward`` otherwise. ``FakeBackend`` installs them as ``backend.operations`` for one test.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import types
+
+import torch
+from torch import nn
+
+EVENTS: list[str] = []   # what main_stream_worker and the convs did, in order
+
+
+def get_weight_and_bias(layer, weight_args=None, bias_args=None, weight_fn=None, bias_fn=None):
+    scale_weight = getattr(layer, "scale_weight", None)
+    patches = getattr(layer, "forge_online_loras", None)
+    weight = layer.weight
+    if weight_args is not None:
+        weight = weight.to(**weight_args)
+    if scale_weight is not None:
+        weight = weight * scale_weight.to(device=weight.device, dtype=weight.dtype)
+    if patches is not None and "weight" in patches:
+        weight = weight + patches["weight"].to(weight)
+    bias = layer.bias
+    if bias is not None:
+        if bias_args is not None:
+            bias = bias.to(**bias_args)
+        if patches is not None and "bias" in patches:
+            bias = bias + patches["bias"].to(bias)
+    return weight, bias
+
+
+def weights_manual_cast(layer, x, skip_weight_dtype=False, skip_bias_dtype=False, weight_fn=None, bias_fn=None):
+    args = dict(device=x.device, dtype=x.dtype, non_blocking=True)
+    weight, bias = get_weight_and_bias(layer, args, args)
+    return weight, bias, "signal"
+
+
+@contextlib.contextmanager
+def main_stream_worker(weight, bias, signal):
+    EVENTS.append(f"worker enter {signal}")
+    try:
+        yield
+    finally:
+        EVENTS.append("worker exit")
+
+
+operations = types.SimpleNamespace(get_weight_and_bias=get_weight_and_bias, weights_manual_cast=weights_manual_cast,
+                                   main_stream_worker=main_stream_worker)
+
+
+class ForgeConv2d(nn.Conv2d):
+    """``ForgeOperations.Conv2d``'s forward, over the fake operations."""
+
+    def forward(self, x):
+        if self.parameters_manual_cast:
+            weight, bias, signal = weights_manual_cast(self, x)
+            with main_stream_worker(weight, bias, signal):
+                return self._conv_forward(x, weight, bias)
+        weight, bias = get_weight_and_bias(self)
+        return super()._conv_forward(x, weight, bias)
+
+
+def make_forge_conv(conv: nn.Conv2d, *, manual_cast: bool = False, scale: float | None = None,
+                    online_delta: bool = False, seed: int = 0) -> nn.Conv2d:
+    """Turns a ``nn.Conv2d`` into a Forge conv in place (as Forge builds every UNet conv), with a ``scale_weight``
+    and an online LoRA delta where asked."""
+    conv.__class__ = ForgeConv2d
+    conv.parameters_manual_cast = manual_cast
+    conv.scale_weight = None if scale is None else nn.Parameter(torch.tensor(scale), requires_grad=False)
+    if online_delta:
+        gen = torch.Generator().manual_seed(seed)
+        conv.forge_online_loras = {"weight": 0.1 * torch.randn(conv.weight.shape, generator=gen)}
+    return conv
+
+
+def final_weights(conv) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel and bias the Forge conv computes with (in float32)."""
+    weight, bias = get_weight_and_bias(conv, dict(dtype=torch.float32), dict(dtype=torch.float32))
+    return weight, bias
+
+
+class FakeBackend:
+    """``backend.operations`` and ``calc_cond_uncond_batch`` in ``sys.modules`` for one ``with`` block."""
+
+    NAMES = ("backend", "backend.operations", "backend.sampling", "backend.sampling.sampling_function")
+
+    def __enter__(self):
+        self.saved = {name: sys.modules.get(name) for name in self.NAMES}
+        backend = types.ModuleType("backend")
+        module = types.ModuleType("backend.operations")
+        for name in ("get_weight_and_bias", "weights_manual_cast", "main_stream_worker"):
+            setattr(module, name, getattr(operations, name))
+        backend.operations = module
+        backend.sampling = types.ModuleType("backend.sampling")
+        backend.sampling.sampling_function = types.ModuleType("backend.sampling.sampling_function")
+        backend.sampling.sampling_function.calc_cond_uncond_batch = lambda *a: calc_cond_uncond_batch(*a)
+        for name in self.NAMES:
+            sys.modules[name] = eval(name, {"backend": backend})
+        EVENTS.clear()
+        return self
+
+    def __exit__(self, *exc):
+        for name, module in self.saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+# The sampling side: UnetPatcher, KModel, sampling_function_inner, the txt2img call order -------------------------
+
+from types import SimpleNamespace  # noqa: E402
+
+from tools.tiny_ldm import scaled_linear_alphas_cumprod  # noqa: E402
+
+
+class FakePredictor:
+    """``backend.modules.k_prediction.Prediction`` (eps): sigmas of the SD schedule, ``timestep(sigma)``."""
+
+    prediction_type = "epsilon"
+
+    def __init__(self):
+        acp = scaled_linear_alphas_cumprod()
+        self.sigmas = ((1 - acp) / acp) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+
+    def timestep(self, sigma):
+        dists = sigma.log() - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape)
+
+
+class FakeKModel:
+    """``backend.modules.k_model.KModel.apply_model``: the UNet is called as ``diffusion_model(xc, t, context=...)``."""
+
+    def __init__(self, unet):
+        self.diffusion_model = unet
+        self.predictor = FakePredictor()
+
+    def apply_model(self, x, sigma, c_crossattn=None, **kwargs):
+        s = sigma.view(-1, 1, 1, 1)
+        t = self.predictor.timestep(sigma).float()
+        eps = self.diffusion_model(x / (s ** 2 + 1) ** 0.5, t, context=c_crossattn)
+        return x - eps * s
+
+
+class FakeUnetPatcher:
+    """``UnetPatcher``: ``clone()`` shares the model and deep-copies ``model_options``, as Forge's does."""
+
+    def __init__(self, model, model_options=None):
+        self.model = model
+        self.model_options = model_options if model_options is not None else {}
+        self.clones = 0
+
+    def clone(self):
+        self.clones += 1
+        return FakeUnetPatcher(self.model, copy.deepcopy(self.model_options))
+
+    def set_model_sampler_pre_cfg_function(self, fn, disable_cfg1_optimization=False):
+        self.model_options["sampler_pre_cfg_function"] = self.model_options.get("sampler_pre_cfg_function", []) + [fn]
+
+    def set_model_sampler_post_cfg_function(self, fn, disable_cfg1_optimization=False):
+        self.model_options["sampler_post_cfg_function"] = self.model_options.get("sampler_post_cfg_function", []) + [fn]
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
+
+
+def calc_cond_uncond_batch(model, cond, uncond, x, sigma, model_options):
+    """``backend.sampling.sampling_function.calc_cond_uncond_batch`` for whole-latent conds: one batched call."""
+    entries = [(c, 0) for c in cond] + [(c, 1) for c in (uncond or [])]
+    out = [torch.zeros_like(x), torch.zeros_like(x)]
+    if not entries:
+        return tuple(out)
+    context = torch.cat([c["model_conds"]["c_crossattn"] for c, _ in entries])
+    xs = torch.cat([x] * len(entries))
+    sigmas = torch.cat([sigma] * len(entries))
+    if "model_function_wrapper" in model_options:
+        pred = model_options["model_function_wrapper"](model.apply_model, {
+            "input": xs, "timestep": sigmas, "c": {"c_crossattn": context}, "cond_or_uncond": [k for _, k in entries]})
+    else:
+        pred = model.apply_model(xs, sigmas, c_crossattn=context)
+    for chunk, (_, kind) in zip(pred.chunk(len(entries)), entries):
+        out[kind] = out[kind] + chunk
+    return tuple(out)
+
+
+def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options):
+    """``sampling_function_inner`` (one cond, no areas): pre-CFG functions, the batch, CFG, post-CFG functions."""
+    uncond_ = None if cond_scale == 1.0 and not model_options.get("disable_cfg1_optimization") else uncond
+    for fn in model_options.get("sampler_pre_cfg_function", []):
+        model, cond, uncond_, x, timestep, model_options = fn(model, cond, uncond_, x, timestep, model_options)
+    cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond_, x, timestep, model_options)
+    if "sampler_cfg_function" in model_options:
+        cfg_result = x - model_options["sampler_cfg_function"](dict(cond=x - cond_pred, uncond=x - uncond_pred,
+                                                                    cond_scale=cond_scale))
+    else:
+        cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
+    for fn in model_options.get("sampler_post_cfg_function", []):
+        cfg_result = fn({"denoised": cfg_result, "cond": cond, "uncond": uncond, "model": model,
+                         "uncond_denoised": uncond_pred, "cond_denoised": cond_pred, "sigma": timestep,
+                         "model_options": model_options, "input": x})
+    return cfg_result, cond_pred, uncond_pred
+
+
+def conds(tensor):
+    return [{"model_conds": {"c_crossattn": tensor}}]
+
+
+class ForgeObjects:
+    def __init__(self, unet):
+        self.unet = unet
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet)
+
+
+class FakeForgeModel:
+    """A ``ForgeDiffusionEngine`` (SD1): ``forge_objects`` and the two copies Forge resets them from."""
+
+    def __init__(self, unet, name="tiny-forge", *, family="sd1", legacy=True):
+        patcher = FakeUnetPatcher(FakeKModel(unet))
+        self.forge_objects = ForgeObjects(patcher)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = family == "sd1", family == "sd2", family == "sdxl", False
+        self._legacy = legacy
+        self.sd_checkpoint_info = SimpleNamespace(name_for_extra=name)
+
+    def is_webui_legacy_model(self):
+        return self._legacy
+
+
+class FakeForgeTxt2Img:
+    """``StableDiffusionProcessingTxt2Img.sample`` / ``sample_hr_pass`` as Forge orders them: ``forge_objects`` reset
+    before ``process_before_every_sampling``; for the hires pass that hook, a second reset, the hook again. Each
+    step runs ``sampling_function_inner`` with ``sd_model.forge_objects.unet`` as it is when sampling starts."""
+
+    def __init__(self, model: FakeForgeModel, *, width=128, height=128, steps=2, enable_hr=False, hr_scale=2,
+                 cfg_scale=7.0, seed=3, scripts=(), fail_at_step=None):
+        self.sd_model = model
+        self.width, self.height, self.steps, self.cfg_scale = width, height, steps, cfg_scale
+        self.enable_hr, self.is_hr_pass = enable_hr, False
+        self.hr_upscale_to_x, self.hr_upscale_to_y = width * hr_scale, height * hr_scale
+        self.extra_generation_params: dict = {}
+        self.refiner_checkpoint_info, self.refiner_switch_at = None, None
+        self.scripts = list(scripts)   # other extensions' process_before_every_sampling(p), run after ours
+        self.fail_at_step = fail_at_step
+        gen = torch.Generator().manual_seed(seed)
+        self.cond, self.uncond = torch.randn(1, 7, 32, generator=gen), torch.randn(1, 7, 32, generator=gen)
+        self.noise = torch.randn(1, 4, height // 8, width // 8, generator=gen)
+        self.hr_noise = torch.randn(1, 4, self.hr_upscale_to_y // 8, self.hr_upscale_to_x // 8, generator=gen)
+        self.job = None
+        self.sampled_with: list = []   # the UnetPatcher of each pass
+
+    def process_before_every_sampling(self, x):
+        if self.job is not None:
+            self.job.start_pass(self, x)
+        for script in self.scripts:
+            script(self)
+
+    def _sample(self, x):
+        patcher = self.sd_model.forge_objects.unet
+        self.sampled_with.append(patcher)
+        sigmas = patcher.model.predictor.sigmas[[980, 600, 200, 20][-self.steps - 1:]]
+        x = x * sigmas[0]
+        for i, (sigma, following) in enumerate(zip(sigmas, sigmas[1:])):
+            if self.fail_at_step == i:
+                raise RuntimeError("the sampler failed")
+            s = sigma.view(1)
+            denoised, _, _ = sampling_function_inner(patcher.model, x, s, conds(self.uncond), conds(self.cond),
+                                                     self.cfg_scale, patcher.model_options)
+            x = denoised + (x - denoised) * (following / sigma)  # Euler
+        return x
+
+    def sample(self, *args, **kwargs):
+        model = self.sd_model
+        model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
+        self.process_before_every_sampling(self.noise)
+        samples = self._sample(self.noise)
+        if not self.enable_hr:
+            return samples
+        self.is_hr_pass = True
+        upscaled = torch.nn.functional.interpolate(samples, size=self.hr_noise.shape[-2:], mode="nearest")
+        self.process_before_every_sampling(upscaled)
+        model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
+        self.process_before_every_sampling(upscaled)
+        samples = self._sample(0.3 * upscaled + self.hr_noise)
+        self.is_hr_pass = False
+        return samples
+
+
+def run_forge_job(p: FakeForgeTxt2Img, settings):
+    """``process_images`` for one batch with the job Forge gets: before_process, process, p.sample, postprocess."""
+    from lib_hires.forge.job import ForgeJob
+    from lib_hires.webui import job
+
+    active = job.begin(p, [settings.to_dict()], lambda: type(settings)(), ForgeJob)
+    p.job = active
+    if active is not None:
+        active.write_infotext(p)
+    try:
+        return p.sample()
+    finally:
+        if active is not None:
+            active.finish()

@@ -1,0 +1,245 @@
+"""ScaleCrafter's Forge job and pass, driven through Forge's call order with fakes (tests/forge_fakes.py)."""
+import sys
+import types
+
+import pytest
+import torch
+
+from lib_hires.forge import is_forge_model
+from lib_hires.forge import model as forge_model
+from lib_hires.forge.job import NO_DEMOFUSION, ForgeJob
+from lib_hires.forge.scalecrafter import CUSTOM_CFG, MULTIDIFFUSION, ForgeScaleCrafterPass
+from lib_hires.settings import ScaleFusionSettings
+from lib_hires.webui import job as webui_job
+from lib_hires.webui.messages import RequestError
+from lib_hires.webui.model_info import UnsupportedModelError
+from lib_hires.webui.scalecrafter_pass import plan_for_latent
+from tests import forge_fakes
+from tests.conftest import tiny_unet
+from tests.forge_fakes import FakeForgeModel, FakeForgeTxt2Img, run_forge_job
+
+
+@pytest.fixture(autouse=True)
+def backend():
+    with forge_fakes.FakeBackend():
+        yield
+
+
+def settings(**changes):
+    return ScaleFusionSettings(**{"enabled": True, "method": "ScaleCrafter", "native_size": 128, **changes})
+
+
+@pytest.fixture
+def model():
+    return FakeForgeModel(tiny_unet("sd1"))
+
+
+def unet_is_clean(unet) -> bool:
+    return not unet._forward_pre_hooks and not any(
+        "forward" in vars(m) or "_conv_forward" in vars(m) for m in unet.modules())
+
+
+def plain(model, **kwargs):
+    return FakeForgeTxt2Img(model, **kwargs).sample()
+
+
+def test_forge_models_are_told_from_their_objects(model):
+    assert is_forge_model(model)
+    placeholder = type("FakeInitialModel", (), {"__module__": "modules.sd_models"})()
+    assert is_forge_model(placeholder)  # Forge before its first load
+    a1111 = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=tiny_unet("sd1")))
+    assert not is_forge_model(a1111)
+    with pytest.raises(UnsupportedModelError, match="no checkpoint is loaded yet"):
+        forge_model.describe(placeholder)
+
+
+def test_describe_reads_forges_model(model):
+    info = forge_model.describe(model)
+    assert info.family == "sd1" and info.train_size == 512 and info.unet is tiny_unet("sd1")
+    assert forge_model.describe(model, 128).train_size == 128
+    flux = FakeForgeModel(tiny_unet("sd1"), "flux1-dev", legacy=False)
+    with pytest.raises(UnsupportedModelError, match="flux1-dev is not an SD1.x, SD2.x or SDXL UNet model"):
+        forge_model.describe(flux)
+
+
+def test_scalecrafter_changes_the_result_and_leaves_nothing_behind(model):
+    before = plain(model, width=256, height=256)
+    p = FakeForgeTxt2Img(model, width=256, height=256)
+    out = run_forge_job(p, settings())
+    assert isinstance(p.job, ForgeJob) and out.shape == before.shape
+    assert not torch.allclose(out, before, atol=1e-4)
+    assert p.extra_generation_params["ScaleFusion"] == "ScaleCrafter" and "ScaleCrafter preset" in \
+        p.extra_generation_params
+    sampled = p.sampled_with[0]
+    assert sampled is not model.forge_objects_after_applying_lora.unet  # a clone carried the hooks
+    assert len(sampled.model_options["sampler_pre_cfg_function"]) == 1
+    assert model.forge_objects_after_applying_lora.unet.model_options == {}
+    assert unet_is_clean(model.forge_objects.unet.model.diffusion_model) and not webui_job._live_hooks
+    assert torch.equal(plain(model, width=256, height=256), before)
+    assert torch.equal(run_forge_job(FakeForgeTxt2Img(model, width=256, height=256), settings()), out)
+
+
+def test_a_clone_made_after_the_pass_samples_the_same(model):
+    """Another extension cloning forge_objects.unet after us (SAG, Kohya HRFix) deep-copies model_options:
+    the pass's functions are closures, copied by reference, and the UNet module is shared."""
+    def reclone(p):
+        p.sd_model.forge_objects.unet = p.sd_model.forge_objects.unet.clone()
+
+    alone = run_forge_job(FakeForgeTxt2Img(model, width=256, height=256), settings(noise_damped_cfg="on"))
+    p = FakeForgeTxt2Img(model, width=256, height=256, scripts=[reclone])
+    assert torch.equal(run_forge_job(p, settings(noise_damped_cfg="on")), alone)
+
+
+def test_noise_damped_cfg_is_the_base_uncond_plus_the_guidance(model):
+    info = forge_model.describe(model, 128)
+    plan = plan_for_latent(info, settings(noise_damped_cfg="on"), (32, 32))
+    assert plan.base == {} and plan.base_at(961) == {}  # the paper's form: a vanilla base
+    patcher = model.forge_objects.unet.clone()
+    gen = torch.Generator().manual_seed(0)
+    x, cond, uncond = torch.randn(1, 4, 32, 32, generator=gen), torch.randn(1, 7, 32), torch.randn(1, 7, 32)
+    sigma = patcher.model.predictor.sigmas[960].view(1)
+    active = ForgeScaleCrafterPass(plan, info, patcher)
+    try:
+        out, cond_pred, uncond_pred = forge_fakes.sampling_function_inner(
+            patcher.model, x, sigma, forge_fakes.conds(uncond), forge_fakes.conds(cond), 7.0, patcher.model_options)
+        with active.controller.base_pass():
+            _, base = forge_fakes.calc_cond_uncond_batch(patcher.model, [], forge_fakes.conds(uncond), x, sigma, {})
+        dilated_cond, dilated_uncond = forge_fakes.calc_cond_uncond_batch(
+            patcher.model, forge_fakes.conds(cond), forge_fakes.conds(uncond), x, sigma, {})
+    finally:
+        active.remove()
+    vanilla_uncond = forge_fakes.calc_cond_uncond_batch(patcher.model, [], forge_fakes.conds(uncond), x, sigma, {})[1]
+    assert torch.equal(base, vanilla_uncond) and not torch.allclose(dilated_uncond, base)
+    assert torch.equal(cond_pred, dilated_cond)
+    assert torch.allclose(out, base + 7.0 * (dilated_cond - dilated_uncond), atol=1e-5)
+    assert torch.equal(uncond_pred, base)  # the uncond this step returns is the base's (Forge's DDIM CFG++ uses it)
+    assert active.base_evaluations == 1
+    # removed: the functions left in the clone's options are inert, the UNet is back to plain
+    again, _, _ = forge_fakes.sampling_function_inner(
+        patcher.model, x, sigma, forge_fakes.conds(uncond), forge_fakes.conds(cond), 7.0, patcher.model_options)
+    reference, _, _ = forge_fakes.sampling_function_inner(
+        patcher.model, x, sigma, forge_fakes.conds(uncond), forge_fakes.conds(cond), 7.0, {})
+    assert torch.equal(again, reference) and unet_is_clean(info.unet)
+
+
+def test_no_base_call_where_cfg_computes_no_uncond(model):
+    p = FakeForgeTxt2Img(model, width=256, height=256, cfg_scale=1.0)
+    active = []
+    p.scripts = [lambda p: active.append(p.job.active)]
+    run_forge_job(p, settings(noise_damped_cfg="on"))
+    assert active[0].base_evaluations == 0
+    p = FakeForgeTxt2Img(model, width=256, height=256)
+    p.scripts = [lambda p: active.append(p.job.active)]
+    run_forge_job(p, settings(noise_damped_cfg="on"))
+    assert active[1].base_evaluations == 1  # steps at t 600 and 200: only the first is in the base range (t >= 401)
+
+
+def test_the_hires_pass_is_armed_after_forges_second_reset(model):
+    p = FakeForgeTxt2Img(model, width=128, height=128, enable_hr=True)
+    armed = []
+    p.scripts = [lambda p: armed.append((p.job.active, len(webui_job._live_hooks)))]
+    run_forge_job(p, settings())
+    first, hires_before_reset, hires = armed
+    assert first[0] is None  # 128 px at native 128: nothing to dilate
+    assert hires_before_reset[0] is not None and hires[0] is not None and hires[1] == 1  # one pass at a time
+    assert hires_before_reset[0].removed and hires[0].removed
+    assert "sampler_pre_cfg_function" in p.sampled_with[1].model_options
+    assert "ScaleCrafter hires preset" in p.extra_generation_params
+    assert unet_is_clean(tiny_unet("sd1"))
+
+
+def test_an_exception_while_sampling_removes_every_hook(model):
+    p = FakeForgeTxt2Img(model, width=256, height=256, fail_at_step=1)
+    with pytest.raises(RuntimeError, match="the sampler failed"):
+        run_forge_job(p, settings())
+    assert unet_is_clean(tiny_unet("sd1")) and not webui_job._live_hooks
+
+
+def test_multidiffusion_integrated_is_refused_at_the_first_step(model):
+    def multidiffusion(p):
+        unet = p.sd_model.forge_objects.unet.clone()
+        unet.model_options["model_function_wrapper"] = lambda apply, args: apply(args["input"], args["timestep"],
+                                                                                   **args["c"])
+        unet.model_options["tiled_diffusion"] = True
+        p.sd_model.forge_objects.unet = unet
+
+    p = FakeForgeTxt2Img(model, width=256, height=256, scripts=[multidiffusion])
+    with pytest.raises(RequestError) as error:
+        run_forge_job(p, settings())
+    assert str(error.value) == MULTIDIFFUSION and error.value.status_code == 422
+    assert unet_is_clean(tiny_unet("sd1"))
+
+
+def test_a_custom_cfg_function_is_refused_with_noise_damping_only(model):
+    def dynamic_thresholding(p):
+        unet = p.sd_model.forge_objects.unet.clone()
+        unet.model_options["sampler_cfg_function"] = lambda a: a["uncond"] + (a["cond"] - a["uncond"]) * a["cond_scale"]
+        p.sd_model.forge_objects.unet = unet
+
+    with pytest.raises(RequestError, match="noise-damped CFG cannot be combined") as error:
+        run_forge_job(FakeForgeTxt2Img(model, width=256, height=256, scripts=[dynamic_thresholding]),
+                      settings(noise_damped_cfg="on"))
+    assert str(error.value) == CUSTOM_CFG
+    run_forge_job(FakeForgeTxt2Img(model, width=256, height=256, scripts=[dynamic_thresholding]),
+                  settings(noise_damped_cfg="off"))
+    assert unet_is_clean(tiny_unet("sd1"))
+
+
+def test_what_cannot_run_is_refused_before_sampling(model):
+    p = FakeForgeTxt2Img(model, width=256, height=256)
+    p.refiner_checkpoint_info, p.refiner_switch_at = object(), 0.8
+    with pytest.raises(RequestError, match="cannot run with the refiner in Forge"):
+        run_forge_job(p, settings())
+    assert not p.sampled_with
+    p = FakeForgeTxt2Img(model, width=256, height=256)
+    p.width = 8200
+    with pytest.raises(RequestError, match="width must be a multiple of 8 from 64 to 8192"):
+        run_forge_job(p, settings())
+    p = FakeForgeTxt2Img(FakeForgeModel(tiny_unet("sd1"), "flux1-dev", legacy=False))
+    with pytest.raises(RequestError, match="flux1-dev is not an SD1.x"):
+        run_forge_job(p, settings())
+    assert not p.sampled_with
+
+
+def test_demofusion_is_refused_while_forge_has_none(model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lib_hires.forge.demofusion", None)  # import fails as for a missing module
+    p = FakeForgeTxt2Img(model)
+    with pytest.raises(RequestError) as error:
+        run_forge_job(p, settings(method="DemoFusion"))
+    assert str(error.value) == NO_DEMOFUSION and not p.sampled_with
+
+
+def test_demofusion_calls_out_to_forges_run(model, monkeypatch):
+    calls = []
+
+    class ForgeDemoFusionRun:
+        def __init__(self, p, job, original_sample):
+            calls.append(("init", job.settings.method))
+            self.original_sample = original_sample
+
+        def __call__(self, *args, **kwargs):
+            calls.append(("run", p.job.info.family))
+            return self.original_sample(*args, **kwargs)
+
+        def start_pass(self, p, x):
+            calls.append(("pass", tuple(x.shape[-2:])))
+
+    module = types.ModuleType("lib_hires.forge.demofusion")
+    module.ForgeDemoFusionRun = ForgeDemoFusionRun
+    monkeypatch.setitem(sys.modules, "lib_hires.forge.demofusion", module)
+    p = FakeForgeTxt2Img(model)
+    run_forge_job(p, settings(method="DemoFusion"))
+    assert calls == [("init", "DemoFusion"), ("run", "sd1"), ("pass", (16, 16))]
+
+
+def test_post_sample_hands_big_decodes_to_forges_decoding_where_there_is_one(model, monkeypatch):
+    job = ForgeJob(FakeForgeTxt2Img(model), settings())
+    ps = types.SimpleNamespace(samples=torch.zeros(1, 4, 8, 8))
+    monkeypatch.setitem(sys.modules, "lib_hires.forge.decoding", None)
+    job.post_sample(job.p, ps)  # none in this build: Forge decodes as usual
+    seen = []
+    module = types.ModuleType("lib_hires.forge.decoding")
+    module.post_sample = lambda p, ps: seen.append((p, ps))
+    monkeypatch.setitem(sys.modules, "lib_hires.forge.decoding", module)
+    job.post_sample(job.p, ps)
+    assert seen == [(job.p, ps)]
