@@ -148,22 +148,29 @@ def scalefusion(**settings) -> dict:
 class ForgeServer:
     """A Forge API server subprocess with its own data dir and port."""
 
+    boots = 0
+
     def __init__(self, root: Path, data: Path, checkpoint: Path, extra_args: tuple[str, ...] = ()):
         self.root, self.data, self.checkpoint, self.extra_args = root, data, checkpoint, tuple(extra_args)
         self.port = int(os.environ.get("FORGE_PORT") or _free_port())
         self.url = f"http://127.0.0.1:{self.port}"
         suffix = "-".join(a.strip("-") for a in self.extra_args) or "default"
-        self.log_path = data / f"forge-server-{suffix}.log"
+        ForgeServer.boots += 1
+        self.log_path = data / f"forge-server-{suffix}-{ForgeServer.boots}.log"
         self.process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
         python = os.environ.get("FORGE_PYTHON") or str(self.root / "venv" / "bin" / "python")
-        return [python, "launch.py", *FLAGS, "--port", str(self.port), "--data-dir", str(self.data),
+        # Forge lets gradio serve files only from the data dir by default: with a data dir of its own, its own
+        # script.js / javascript/*.js (input accordions, hints) and this checkout's javascript/ would answer 403.
+        allowed = [flag for path in (self.root, REPO) for flag in ("--gradio-allowed-path", str(path))]
+        return [python, "launch.py", *FLAGS, "--port", str(self.port), "--data-dir", str(self.data), *allowed,
                 "--ckpt", str(self.checkpoint), *self.extra_args]
 
     def start(self, timeout: float) -> "ForgeServer":
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)  # Forge must import its own modules, not this checkout's tests
+        env.pop("IGNORE_CMD_ARGS_ERRORS", None)  # set for in-process imports (tiny_sdxl.py): the server is strict
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -173,13 +180,24 @@ class ForgeServer:
                 pytest.fail(f"Forge exited with {self.process.returncode} while booting:\n{self.log_tail()}")
             try:
                 status, _ = self.request("GET", "/sdapi/v1/sd-models", timeout=5)
-                if status == 200:
-                    return self
             except OSError:
-                pass
+                status = None
+            if status == 200:
+                return self._warm_up()
             time.sleep(2)
         self.stop()
         pytest.fail(f"Forge did not answer on {self.url} within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _warm_up(self) -> "ForgeServer":
+        """One small plain request first. Forge (dfdcbab6) serving the UI runs the first API request after boot with
+        empty default script arguments: a request with ``alwayson_scripts`` arguments then fails in
+        ``init_script_args`` (IndexError, HTTP 500) and the built-in scripts log unpacking errors; from the second
+        request on the defaults are right. (Plain images are the same either way.)"""
+        result = self.txt2img(steps=1, width=64, height=64)
+        if result.status != 200:
+            self.stop()
+            pytest.fail(f"Forge's warm-up request failed: {result}\n{self.log_tail()}")
+        return self
 
     def stop(self):
         if self.process is not None and self.process.poll() is None:
@@ -271,34 +289,38 @@ def forge_servers(forge_root_dir, forge_data_dir, sd1_checkpoint):
     servers.stop()
 
 
-@pytest.fixture(scope="session")
+# Function-scoped: each test gets the server running its flags now (one runs at a time, so a server object kept
+# from an earlier test may have been stopped, and with FORGE_PORT fixed another server would answer on its port).
+# A fixture of a wider scope asks ``forge_servers.get(...)`` itself.
+@pytest.fixture
 def forge(forge_servers) -> ForgeServer:
     """The default server: fp32 UNet on the CPU."""
     return forge_servers.get()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def forge_bf16(forge_servers) -> ForgeServer:
     """A server with ``--unet-in-bf16``: the UNet is stored in bf16 and computed in fp32, so Forge's convs take
     their manual-cast branch. Requesting it stops the default server (and vice versa): group such tests."""
     return forge_servers.get("--unet-in-bf16")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def txt2img(forge):
     return forge.txt2img
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def img2img(forge):
     return forge.img2img
 
 
 @pytest.fixture(scope="session")
-def fresh_plain(forge):
-    """A plain request on a server that has not run ScaleFusion yet: later plain requests must equal it.
-    Request it before any ScaleFusion test in a session (a session fixture is made once, on first use)."""
-    result = forge.txt2img()
+def fresh_plain(forge_servers):
+    """A plain request on the default server before it has run ScaleFusion: later plain requests must equal it
+    (also on a restarted default server: plain images are the same across boots). Request it before any
+    ScaleFusion test in a session (a session fixture is made once, on first use)."""
+    result = forge_servers.get().txt2img()
     assert result.status == 200, result
     return result
 

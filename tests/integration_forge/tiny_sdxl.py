@@ -41,6 +41,9 @@ def import_forge_backend(forge_dir: str | os.PathLike):
     for path in (root, str(Path(root) / "packages_3rdparty")):
         if path not in sys.path:
             sys.path.append(path)
+    # Forge's modules.shared_cmd_options parses sys.argv strictly when imported (by a test that imports Forge's
+    # ``modules``): pytest's arguments would end the run there. This makes it parse leniently.
+    os.environ.setdefault("IGNORE_CMD_ARGS_ERRORS", "1")
     saved = sys.argv
     sys.argv = [str(Path(root) / "launch.py"), "--always-cpu", "--disable-gpu-warning"]
     try:

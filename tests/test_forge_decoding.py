@@ -1,0 +1,194 @@
+"""Forge's side of large outputs, on stand-ins of backend/patcher/vae.py's VAE (no Forge needed)."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lib_hires.forge.decoding import (DECODE_WRAPPER, ENCODE_WRAPPER, SmallPreviews, TiledVae, VaeWrappers,
+                                      automatic_tile)
+from lib_hires.vae_layers import shared_norm_forward
+from lib_hires.vae_tiles import PREVIEW_MAX_SIDE, default_overlap, tiled_apply
+from tools.vae_factory import build_decoder, build_encoder
+
+
+class Patcher:
+    def __init__(self):
+        self.model_options = {}
+
+    def clone(self):
+        other = Patcher()
+        other.model_options = copy.deepcopy(self.model_options)
+        return other
+
+
+class ForgeVae:
+    """backend.patcher.vae.VAE's decode/encode plumbing: the wrappers in the patcher's model_options get the inner
+    functions; decode_inner returns B, H, W, 3 in [0, 1]; encode_inner takes that layout. The first-stage model
+    is IntegratedAutoencoderKL-shaped (decoder, encoder, post_quant_conv, quant_conv; the factories keep their
+    1x1 convs inside the halves, so those two are None here)."""
+
+    def __init__(self, model=None, patcher=None):
+        self.first_stage_model = model
+        self.vae_dtype, self.device, self.output_device = torch.float32, torch.device("cpu"), torch.device("cpu")
+        self.patcher = patcher or Patcher()
+        self.inner_calls = []
+
+    def clone(self):
+        other = ForgeVae(self.first_stage_model, self.patcher.clone())
+        other.inner_calls = self.inner_calls
+        return other
+
+    def decode_inner(self, samples):
+        self.inner_calls.append(("decode", tuple(samples.shape[-2:])))
+        x = self.first_stage_model.decoder(samples)
+        return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
+
+    def decode(self, samples):
+        wrapper = self.patcher.model_options.get(DECODE_WRAPPER)
+        return self.decode_inner(samples) if wrapper is None else wrapper(self.decode_inner, samples)
+
+    def encode_inner(self, pixels):
+        self.inner_calls.append(("encode", tuple(pixels.shape[1:3])))
+        return mean_of(self.first_stage_model.encoder(2.0 * pixels.movedim(-1, 1) - 1.0), None)
+
+    def encode(self, pixels):
+        wrapper = self.patcher.model_options.get(ENCODE_WRAPPER)
+        return self.encode_inner(pixels) if wrapper is None else wrapper(self.encode_inner, pixels)
+
+
+def mean_of(moments, regulation):
+    return moments.chunk(2, dim=1)[0]
+
+
+@pytest.fixture(scope="module")
+def first_stage():
+    model = torch.nn.Module()
+    model.decoder, model.encoder = build_decoder(0.125, seed=8), build_encoder(0.125, seed=9)
+    model.post_quant_conv = model.quant_conv = None
+    return model
+
+
+def wrappers_for(vae, tile, **kwargs):
+    kwargs.setdefault("mode", lambda: "whole image")
+    return VaeWrappers(vae, lambda hw: tile, load=lambda v: None, sample_posterior=mean_of, **kwargs)
+
+
+def test_small_latents_take_forges_own_path_unchanged(first_stage):
+    vae = ForgeVae(first_stage)
+    latent = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        expected = vae.decode(latent)
+        wrappers = wrappers_for(vae, 16)
+        vae.patcher.model_options[DECODE_WRAPPER] = wrappers.decode
+        assert torch.equal(vae.decode(latent), expected)
+    assert wrappers.tiled_decodes == 0 and vae.inner_calls == [("decode", (16, 16))] * 2
+
+
+def to_forge_image(x):
+    return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
+
+
+def test_big_latents_are_decoded_in_tiles_with_whole_image_groupnorm(first_stage):
+    vae = ForgeVae(first_stage)
+    latents = torch.randn(2, 4, 24, 16)
+    wrappers = wrappers_for(vae, 16)
+    vae.patcher.model_options[DECODE_WRAPPER] = wrappers.decode
+    seen = []
+    hook = first_stage.decoder.conv_in.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+    try:
+        with torch.no_grad():
+            images = vae.decode(latents)
+    finally:
+        hook.remove()
+    assert images.shape == (2, 192, 128, 3) and vae.inner_calls == [] and wrappers.tiled_decodes == 2
+    assert seen and max(max(s) for s in seen) <= 16  # the decoder never saw more than one tile
+    with torch.no_grad():
+        second = shared_norm_forward(first_stage.decoder, latents[1:2], tile=16, overlap=default_overlap(16))
+        whole = first_stage.decoder(latents[:1])
+        per_tile = wrappers_for(vae, 16, mode=lambda: "per tile").decode(vae.decode_inner, latents[:1])
+        per_tile_reference = tiled_apply(first_stage.decoder, latents[:1], tile=16, overlap=default_overlap(16))
+    torch.testing.assert_close(images[1:], to_forge_image(second))  # each image of the batch on its own
+    torch.testing.assert_close(per_tile, to_forge_image(per_tile_reference))  # the "per tile" setting
+    # Whole-image statistics are what make the tiles agree: nearer one whole decode than tiles normalised alone
+    # (attention still attends within a tile, so not equal to it).
+    error, per_tile_error = ((x - to_forge_image(whole)).abs().mean() for x in (images[:1], per_tile))
+    assert error < 0.8 * per_tile_error, (error, per_tile_error)
+
+
+def test_big_images_are_encoded_in_tiles(first_stage):
+    vae = ForgeVae(first_stage)
+    pixels = torch.rand(1, 192, 128, 3)  # Forge's layout: B, H, W, C in [0, 1]
+    with torch.no_grad():
+        small = torch.rand(1, 64, 64, 3)
+        wrappers = wrappers_for(vae, 16)
+        assert torch.equal(wrappers.encode(vae.encode_inner, small), vae.encode_inner(small))
+        latent = wrappers.encode(vae.encode_inner, pixels)
+        moments = shared_norm_forward(first_stage.encoder, 2.0 * pixels.movedim(-1, 1) - 1.0, tile=16,
+                                      overlap=default_overlap(16), unit=8)
+    assert latent.shape == (1, 4, 24, 16)
+    torch.testing.assert_close(latent, mean_of(moments, None))
+    assert vae.inner_calls == [("encode", (64, 64))] * 2  # the big image never reached Forge's whole encode
+
+
+def test_another_extensions_wrapper_stays_outside_ours(first_stage):
+    vae = ForgeVae(first_stage)
+    calls = []
+
+    def theirs(inner, samples):
+        calls.append(tuple(samples.shape[-2:]))
+        return inner(samples) * 0.5
+
+    vae.patcher.model_options[DECODE_WRAPPER] = theirs
+    forge_objects = SimpleNamespace(vae=vae)
+    tiling = TiledVae(SimpleNamespace(forge_objects=forge_objects), tile_for=lambda hw: 16, load=lambda v: None,
+                      mode=lambda: "per tile")
+    with torch.no_grad():
+        out = forge_objects.vae.decode(torch.randn(1, 4, 24, 16))
+    tiling.remove()
+    assert calls == [(24, 16)] and tiling.wrappers.tiled_decodes == 1 and out.max() <= 0.5
+    assert vae.inner_calls == []
+
+
+def test_tiled_vae_swaps_a_clone_in_and_puts_the_original_back(first_stage):
+    vae = ForgeVae(first_stage)
+    forge_objects = SimpleNamespace(vae=vae)
+    tiling = TiledVae(SimpleNamespace(forge_objects=forge_objects), tile_for=lambda hw: 16)
+    assert forge_objects.vae is tiling.vae and tiling.vae is not vae
+    assert set(tiling.vae.patcher.model_options) == {DECODE_WRAPPER, ENCODE_WRAPPER}
+    assert vae.patcher.model_options == {}  # the original patcher is untouched
+    tiling.remove()
+    assert forge_objects.vae is vae
+    again = TiledVae(SimpleNamespace(forge_objects=forge_objects), tile_for=lambda hw: 16)
+    newer = ForgeVae(first_stage)
+    forge_objects.vae = newer  # Forge's reset (or another extension) replaced ours: leave theirs alone
+    again.remove()
+    assert forge_objects.vae is newer
+
+
+def test_previews_of_big_latents_are_shrunk_until_removed():
+    class State:
+        def __init__(self):
+            self.current_latent, self.shapes = None, []
+
+        def do_set_current_image(self):
+            self.shapes.append(tuple(self.current_latent.shape))
+
+    state = State()
+    previews = SmallPreviews(state)
+    for shape in ((1, 4, 512, 384), (1, 4, 64, 64)):
+        state.current_latent = torch.randn(shape)
+        state.do_set_current_image()
+    previews.remove()
+    state.current_latent = torch.randn(1, 4, 512, 384)
+    state.do_set_current_image()
+    assert state.shapes == [(1, 4, PREVIEW_MAX_SIDE, 96), (1, 4, 64, 64), (1, 4, 512, 384)]
+    assert "do_set_current_image" not in vars(state)
+
+
+def test_the_tile_is_the_setting_or_fits_the_free_memory(first_stage):
+    vae = ForgeVae(first_stage)
+    assert automatic_tile(vae, SimpleNamespace(data={"scalefusion_decode_tile": 48}), free_bytes=lambda d: 0) == 48
+    roomy = automatic_tile(vae, SimpleNamespace(data={}), free_bytes=lambda d: 64 * 2 ** 30)
+    tight = automatic_tile(vae, SimpleNamespace(data={}), free_bytes=lambda d: 2 ** 30)
+    assert roomy == 128 and 32 <= tight < roomy and tight % 8 == 0
