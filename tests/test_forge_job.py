@@ -7,7 +7,7 @@ import torch
 
 from lib_hires.forge import is_forge_model
 from lib_hires.forge import model as forge_model
-from lib_hires.forge.job import NO_DEMOFUSION, ForgeJob
+from lib_hires.forge.job import ForgeJob
 from lib_hires.forge.scalecrafter import CUSTOM_CFG, MULTIDIFFUSION, ForgeScaleCrafterPass
 from lib_hires.settings import ScaleFusionSettings
 from lib_hires.webui import job as webui_job
@@ -201,14 +201,6 @@ def test_what_cannot_run_is_refused_before_sampling(model):
     assert not p.sampled_with
 
 
-def test_demofusion_is_refused_while_forge_has_none(model, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lib_hires.forge.demofusion", None)  # import fails as for a missing module
-    p = FakeForgeTxt2Img(model)
-    with pytest.raises(RequestError) as error:
-        run_forge_job(p, settings(method="DemoFusion"))
-    assert str(error.value) == NO_DEMOFUSION and not p.sampled_with
-
-
 def test_demofusion_calls_out_to_forges_run(model, monkeypatch):
     calls = []
 
@@ -232,11 +224,9 @@ def test_demofusion_calls_out_to_forges_run(model, monkeypatch):
     assert calls == [("init", "DemoFusion"), ("run", "sd1"), ("pass", (16, 16))]
 
 
-def test_post_sample_hands_big_decodes_to_forges_decoding_where_there_is_one(model, monkeypatch):
+def test_post_sample_hands_the_decode_to_forges_decoding(model, monkeypatch):
     job = ForgeJob(FakeForgeTxt2Img(model), settings())
     ps = types.SimpleNamespace(samples=torch.zeros(1, 4, 8, 8))
-    monkeypatch.setitem(sys.modules, "lib_hires.forge.decoding", None)
-    job.post_sample(job.p, ps)  # none in this build: Forge decodes as usual
     seen = []
     module = types.ModuleType("lib_hires.forge.decoding")
     module.post_sample = lambda p, ps: seen.append((p, ps))

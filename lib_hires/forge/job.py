@@ -27,26 +27,9 @@ from lib_hires.webui.scalecrafter_pass import plan_for_latent
 from . import model as forge_model
 from .scalecrafter import ForgeScaleCrafterPass
 
-DEMOFUSION_MODULE = "lib_hires.forge.demofusion"
-DECODING_MODULE = "lib_hires.forge.decoding"
-NO_DEMOFUSION = (f"{TITLE}: DemoFusion is not available in Forge in this version of {TITLE}; use ScaleCrafter "
-                 "here, or DemoFusion in the AUTOMATIC1111 WebUI")
-
-
-def _optional_module(name: str):
-    """A Forge adapter module, or None where this build has none (an import error inside it still raises)."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as error:
-        if error.name != name:
-            raise
-        return None
-
-
 def _demofusion_run(p, job, original_sample):
-    """Forge's DemoFusion run, or None where this build has none."""
-    module = _optional_module(DEMOFUSION_MODULE)
-    return None if module is None else module.ForgeDemoFusionRun(p, job, original_sample)
+    # Imported by name when a DemoFusion job starts (the module is large and only DemoFusion jobs need it).
+    return importlib.import_module("lib_hires.forge.demofusion").ForgeDemoFusionRun(p, job, original_sample)
 
 
 def _refiner_reason(p) -> str | None:
@@ -93,8 +76,6 @@ class ForgeJob:
     def _check_request(self, p) -> None:
         """What cannot run is refused before any sampling starts."""
         if self.settings.method == DF:
-            if self.run is None:
-                raise RequestError(NO_DEMOFUSION)
             return  # the run checks its own request when called
         reason = _refiner_reason(p)
         if reason:
@@ -156,10 +137,8 @@ class ForgeJob:
 
     def post_sample(self, p, ps) -> None:
         """``Script.post_sample``: the decode of a big latent goes to ``lib_hires.forge.decoding`` (tiles with
-        whole-image GroupNorm statistics) where this build has it; Forge's own decode runs otherwise."""
-        decoding = _optional_module(DECODING_MODULE)
-        if decoding is not None:
-            decoding.post_sample(p, ps)
+        whole-image GroupNorm statistics); Forge's own decode runs for the rest."""
+        importlib.import_module("lib_hires.forge.decoding").post_sample(p, ps)
 
     @staticmethod
     def _say_vanilla(p, infotext_key: str, reason: str) -> None:

@@ -63,10 +63,6 @@ def describe(sd_model, native_size: int | None = None) -> ModelInfo:
     if getattr(sd_model, "is_sd3", False):
         raise UnsupportedModelError(f"{TITLE}: {name} is an SD3 (MMDiT) model; ScaleCrafter and DemoFusion work on "
                                     f"SD1.x, SD2.x and SDXL UNets only. Turn {TITLE} off or load another checkpoint.")
-    if getattr(sd_model, "forge_objects", None) is not None:
-        raise UnsupportedModelError(f"{TITLE}: stable-diffusion-webui-forge is not supported yet (its engine runs the "
-                                    f"UNet of forge_objects, not model.diffusion_model). Turn {TITLE} off, or use "
-                                    f"the AUTOMATIC1111 WebUI.")
     unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
     if unet is None:
         raise UnsupportedModelError(f"{TITLE}: {name} has no UNet at model.diffusion_model")

@@ -86,13 +86,8 @@ def test_img2img(forge, fresh_plain):
 @pytest.mark.parametrize("settings, message", [
     (dict(noise_damped_cfg="sometimes"), "noise_damped_cfg must be one of"),
     (dict(stop_at=1.5), "stop_at must be a number in (0, 1]"),
-    (dict(method="DemoFusion"), "DemoFusion is not available in Forge"),
 ])
 def test_bad_settings_and_what_forge_cannot_run_answer_422(forge, fresh_plain, settings, message):
-    if settings.get("method") == "DemoFusion":
-        import importlib.util
-        if importlib.util.find_spec("lib_hires.forge.demofusion") is not None:
-            pytest.skip("this build has DemoFusion in Forge (tests/integration_forge/test_forge_demofusion.py)")
     result = forge.txt2img(alwayson_scripts=scalefusion(**{**SC, **settings}), **SMALL)
     assert result.status == 422 and message in result.detail, result
     assert np.array_equal(forge.txt2img().image, fresh_plain.image)
