@@ -58,6 +58,10 @@ def test_tiled_decode_matches_the_whole_decode(decoder):
     assert tiled.shape == whole.shape
     quality = psnr(levels(tiled), levels(whole), 255)
     assert quality >= 40, f"tiled vs whole decode: {quality:.1f} dB"
+    # outside attention (zeroed here) tiles whose halos are refreshed from their neighbours at every GroupNorm
+    # compute what the whole pass computes, up to rounding (~90 dB); tiles that kept their own borders through
+    # the whole decoder reached 40.7 dB here
+    assert quality >= 60, f"tiled vs whole decode: {quality:.1f} dB: border errors travel into the tiles"
 
 
 def test_tiled_encode_mean_matches_the_whole_encode():

@@ -23,8 +23,10 @@ measured.
 
 ``--quick``: the layout at 1/32 width (4 base channels, 16 in the middle block; one GroupNorm group per channel
 at the narrowest levels), fp32, tile 128 latent px as the extension picks (64 at 1024²), per tile only at 1024²
-(it costs the same convolutions as the shared mode and has no whole pass to be compared with above): the decode
-at all three sizes in under an hour on 2 loaded cores (``--parts decode``). A whole 2048² pass does not fit
+(it costs the same convolutions as the shared mode and has no whole pass to be compared with above), one torch
+thread per run: on a machine loaded beyond its cores, two threads wait on each other at every op (a 16-channel
+conv on a 54² tile took 300 ms with two, 5 ms with one), which punishes the many small ops of tiles and makes
+every ratio meaningless. A whole 2048² pass does not fit
 here: the layout's attention (as the WebUI's, on transposed q, k, v) falls back to torch's math kernel, whose
 scores over 256² latent px take 32 GB at any width. The figures are the structure's, not the real width's: memory and time per pixel
 scale with width, the ratios hold roughly, PSNR depends on the weights.
@@ -131,7 +133,8 @@ def run_once(part: str, mode: str, pixels: int, tile: int, args, out_path: str) 
 
 def run_child(part: str, mode: str, pixels: int, tile: int, args, out_path: str) -> dict:
     cmd = [sys.executable, "-m", "tools.benchmark_vae", "--child", f"{part}:{mode}:{pixels}:{tile}:{out_path}",
-           "--device", args.device, "--dtype", args.dtype, "--width", str(args.width), "--tile", str(args.tile)]
+           "--device", args.device, "--dtype", args.dtype, "--width", str(args.width), "--tile", str(args.tile),
+           "--threads", str(args.threads)]
     if args.attention:
         cmd.append("--attention")
     # freed tensors go back to the OS at once, so that resident memory is what is held (see DevicePeakOnHost)
@@ -183,6 +186,7 @@ def main(argv=None) -> int:
                          "not hold its scores needs far less than it counts)")
     ap.add_argument("--per-tile-up-to", type=int, default=0, help="run the per-tile mode only up to this size (px)")
     ap.add_argument("--quick", action="store_true", help="1/32 width, 1024² to 4096² in bounded time on a CPU")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--rounds", type=int, default=1, help="timing rounds (alternating order) where a whole pass fits")
     ap.add_argument("--attention", action="store_true", help="keep attention's output projection")
     ap.add_argument("--parked-table", action="store_true", help="only print the parked memory at full width")
@@ -196,8 +200,11 @@ def main(argv=None) -> int:
         args.width = args.width or 1 / 32
         args.tile = args.tile or 128
         args.per_tile_up_to = args.per_tile_up_to or 1024
+        args.threads = args.threads or 1
     cuda, element, channels = resolve_vae_args(args, cpu_width=0.125)
     torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         part, mode, pixels, tile, out_path = args.child.split(":", 4)
         print(json.dumps(run_once(part, mode, int(pixels), int(tile), args, out_path)))
