@@ -6,9 +6,11 @@ steps derived from its own structure, one step at a time across all tiles: every
 where each tile contributes the mean and variance of its own core (the part of the tile nearest to it,
 so that the cores partition the image and every pixel counts once), combined exactly in float64
 (Chan's parallel update), and then every tile is normalised with the whole image's statistics. Between
-barriers a tile's state (its activation and the residuals its ResnetBlock still has to add) waits in
-``park`` memory (the host by default), so the compute device holds one tile at a time. Attention stays
-per tile: it is normalised with the shared statistics, but attends within its tile.
+barriers the core of a tile's state (its activation and the residuals its ResnetBlock still has to add) waits
+in ``park`` memory (the host by default), so the compute device holds one tile at a time; each step rebuilds
+a tile's window from its neighbours' cores, so halos are refreshed at every barrier (see
+:func:`shared_norm_forward`). Attention stays per tile: it is normalised with the shared statistics, but
+attends within its tile, and its outputs are blended across the overlaps.
 
 The program is derived, not listed: a small probe through the module's own ``forward`` records which
 top-level blocks it calls, in order; each block is recognised by what it holds (a ResnetBlock: ``norm1``,
