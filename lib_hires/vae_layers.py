@@ -6,9 +6,11 @@ steps derived from its own structure, one step at a time across all tiles: every
 where each tile contributes the mean and variance of its own core (the part of the tile nearest to it,
 so that the cores partition the image and every pixel counts once), combined exactly in float64
 (Chan's parallel update), and then every tile is normalised with the whole image's statistics. Between
-barriers a tile's state (its activation and the residuals its ResnetBlock still has to add) waits in
-``park`` memory (the host by default), so the compute device holds one tile at a time. Attention stays
-per tile: it is normalised with the shared statistics, but attends within its tile.
+barriers the core of a tile's state (its activation and the residuals its ResnetBlock still has to add) waits
+in ``park`` memory (the host by default), so the compute device holds one tile at a time; each step rebuilds
+a tile's window from its neighbours' cores, so halos are refreshed at every barrier (see
+:func:`shared_norm_forward`). Attention stays per tile: it is normalised with the shared statistics, but
+attends within its tile, and its outputs are blended across the overlaps.
 
 The program is derived, not listed: a small probe through the module's own ``forward`` records which
 top-level blocks it calls, in order; each block is recognised by what it holds (a ResnetBlock: ``norm1``,
@@ -281,21 +283,73 @@ def _apply(step: Step, h: torch.Tensor, stack: list[torch.Tensor], stats: _Stats
     raise AssertionError(kind)
 
 
-def parked_bytes(program: Program, x: torch.Tensor, covered_px: int) -> int:
-    """Host memory the waiting tiles of one pass take at most: ``covered_px`` layout px of tiles in all."""
-    return int(program.parked_per_px * covered_px * x.shape[0] * x.element_size())
+@dataclass(frozen=True)
+class _Grid:
+    """The tiles of one pass, in layout px: each tile's window (what it computes on) and core (the part of the
+    image it owns; the cores partition the image)."""
+    rows: list[int]
+    cols: list[int]
+    th: int
+    tw: int
+    height: int
+    width: int
+
+    @property
+    def tiles(self) -> list[tuple[int, int]]:
+        return [(i, j) for i in range(len(self.rows)) for j in range(len(self.cols))]
+
+    def window(self, t) -> tuple[int, int, int, int]:
+        i, j = t
+        return self.rows[i], self.rows[i] + self.th, self.cols[j], self.cols[j] + self.tw
+
+    def core(self, t) -> tuple[int, int, int, int]:
+        i, j = t
+        (r0, r1), (c0, c1) = _cores(self.rows, self.th)[i], _cores(self.cols, self.tw)[j]
+        return self.rows[i] + r0, self.rows[i] + r1, self.cols[j] + c0, self.cols[j] + c1
+
+    def sources(self, u) -> list[tuple[tuple[int, int], tuple[int, int, int, int]]]:
+        """The tiles whose cores make up ``u``'s window, each with the part of the window it gives."""
+        return [(t, part) for t in self.tiles if (part := _intersect(self.core(t), self.window(u))) is not None]
+
+    def piece_area_peak(self) -> int:
+        """Layout px of the pieces a pass keeps at most while it walks the tiles once: the parts of processed
+        tiles' old cores that tiles still to come need as their halo."""
+        order = self.tiles
+        kept, peak = {}, 0
+        for k, u in enumerate(order):
+            kept = {key: a for key, a in kept.items() if key[1] != u}
+            for v in order[k + 1:]:
+                part = _intersect(self.core(u), self.window(v))
+                if part is not None:
+                    kept[(u, v)] = (part[1] - part[0]) * (part[3] - part[2])
+            peak = max(peak, sum(kept.values()))
+        return peak
+
+
+def _intersect(a, b):
+    top, bottom, left, right = max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3])
+    return (top, bottom, left, right) if top < bottom and left < right else None
+
+
+def _grid(x: torch.Tensor, tile: int, overlap: int, unit: int) -> _Grid:
+    height, width = x.shape[-2] // unit, x.shape[-1] // unit
+    th, rows = tile_layout(height, tile, overlap)
+    tw, cols = tile_layout(width, tile, overlap)
+    return _Grid(rows, cols, th, tw, height, width)
+
+
+def parked_bytes(program: Program, x: torch.Tensor, tile: int, overlap: int, unit: int = 1) -> int:
+    """Host memory the waiting tiles of one pass over ``x`` take at most: the cores of every tile (one image's
+    worth) plus the halo pieces kept for the tiles still to come, at the program's widest barrier."""
+    grid = _grid(x, tile, overlap, unit)
+    layout_px = grid.height * grid.width + grid.piece_area_peak()
+    return int(program.parked_per_px * layout_px * x.shape[0] * x.element_size())
 
 
 def _cores(starts: list[int], size: int) -> list[tuple[int, int]]:
     """Per tile, the [from, to) of its own part, in its own layout px: the cores partition the length."""
     bounds = [0] + [(b + a + size) // 2 for a, b in zip(starts, starts[1:])] + [starts[-1] + size]
     return [(lo - a, hi - a) for a, lo, hi in zip(starts, bounds, bounds[1:])]
-
-
-def _to(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """Moves a tile's state, once per distinct tensor (the residual just pushed is the activation itself)."""
-    moved: dict[int, torch.Tensor] = {}
-    return [moved.setdefault(id(t), t.to(device)) for t in tensors]
 
 
 @dataclass
@@ -308,30 +362,54 @@ class PassStats:
 last_pass = PassStats()
 
 
-def shared_norm_forward(module: nn.Module, x: torch.Tensor, *, tile: int, overlap: int, unit: int = 1,
-                        forward=None, park: torch.device | str = "cpu", out_device: torch.device | str | None = None,
-                        park_budget: int | None = None) -> torch.Tensor:
-    """``module(x)`` from tiles of at most ``tile`` layout px (latent px), GroupNorms with whole-image statistics.
+class _Parking:
+    """The tiles' parked states and the halo pieces kept for tiles still to come, with a running byte count.
 
-    ``x`` is a latent for a decoder (``unit`` 1), an image for an encoder (``unit`` 8); ``park_budget``: bytes
-    the waiting tiles may take, :class:`HostMemoryShort` before any work where they would take more. The output is blended
-    from the tiles' outputs with the same ramps as :func:`lib_hires.vae_tiles.tiled_decode`."""
-    height, width = x.shape[-2] // unit, x.shape[-1] // unit
-    th, rows = tile_layout(height, tile, overlap)
-    tw, cols = tile_layout(width, tile, overlap)
-    out_device = x.device if out_device is None else torch.device(out_device)
-    if len(rows) == len(cols) == 1:
-        return (forward or module)(x).to(out_device)
-    program = program_of(module, x, unit, forward, probe=min(PROBE, th, tw))
-    parked = parked_bytes(program, x, th * tw * len(rows) * len(cols))
-    if park_budget is not None and parked > park_budget:
-        raise HostMemoryShort(f"the tiles waiting between GroupNorms need about {parked / 2 ** 20:.0f} MiB of host "
-                              f"memory; {park_budget / 2 ** 20:.0f} MiB can be given")
-    device, park = x.device, torch.device(park)
-    tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
-    cores_h, cores_w = _cores(rows, th), _cores(cols, tw)
-    states = {(i, j): [x[..., rows[i] * unit:(rows[i] + th) * unit, cols[j] * unit:(cols[j] + tw) * unit].to(park)]
-              for i, j in tiles}  # per tile: [activation, *residuals]
+    ``monitor`` (benchmarks) is called with the bytes parked right before and right after every change, so that
+    between two calls either nothing is parked or freed, or exactly one thing is: the memory the compute device
+    uses is then what the process holds less the larger of the two counts."""
+
+    def __init__(self, park: torch.device, monitor=None):
+        self.park, self.monitor = park, monitor
+        self.bytes = self.peak = 0
+
+    def _mark(self):
+        if self.monitor is not None:
+            self.monitor(self.bytes)
+
+    def keep(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Contiguous copies of ``tensors`` (crops of a tile's state) in park memory, counted."""
+        self._mark()
+        kept = [t.to(self.park, copy=True, memory_format=torch.contiguous_format) for t in tensors]
+        self.bytes += sum(t.numel() * t.element_size() for t in kept)
+        self.peak = max(self.peak, self.bytes)
+        self._mark()
+        return kept
+
+    def count(self, nbytes: int) -> None:
+        """Counts ``nbytes`` about to be allocated in park memory (negative: just freed)."""
+        self._mark()
+        self.bytes += nbytes
+        self.peak = max(self.peak, self.bytes)
+        self._mark()
+
+    def drop(self, tensors: list[torch.Tensor]) -> None:
+        """Frees ``tensors`` (the list is emptied; the caller holds no other reference)."""
+        self._mark()
+        self.bytes -= sum(t.numel() * t.element_size() for t in tensors)
+        tensors.clear()
+        self._mark()
+
+
+def _crop(t: torch.Tensor, box, origin, scale: int) -> torch.Tensor:
+    """The part ``box`` (layout px) of ``t``, a tile state whose top left is at layout px ``origin``."""
+    top, bottom, left, right = box
+    return t[..., (top - origin[0]) * scale:(bottom - origin[0]) * scale,
+             (left - origin[1]) * scale:(right - origin[1]) * scale]
+
+
+def _segments(program: Program) -> list[list[Step]]:
+    """The program cut before every barrier; a segment's first step is the one whose statistics it waits for."""
     segments, current = [], []
     for step in program.steps:
         if step.barrier is not None and current:
@@ -341,31 +419,125 @@ def shared_norm_forward(module: nn.Module, x: torch.Tensor, *, tile: int, overla
     segments.append(current)
     if segments[0][0].barrier is not None:
         segments.insert(0, [])  # the input itself is normalised first: its statistics come from an empty step
+    return segments
 
-    canvas = _Canvas(rows, cols, th, tw, height, width, out_device)
+
+def _distinct(state: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """The distinct tensors of a tile state [activation, *residuals], and which of them each position is."""
+    index: dict[int, int] = {}
+    alias = [index.setdefault(id(t), len(index)) for t in state]
+    tensors = {i: t for t, i in zip(state, alias)}
+    return [tensors[i] for i in range(len(index))], alias
+
+
+def shared_norm_forward(module: nn.Module, x: torch.Tensor, *, tile: int, overlap: int, unit: int = 1,
+                        forward=None, park: torch.device | str = "cpu", out_device: torch.device | str | None = None,
+                        park_budget: int | None = None, monitor=None) -> torch.Tensor:
+    """``module(x)`` from tiles of at most ``tile`` layout px (latent px), GroupNorms with whole-image statistics.
+
+    ``x`` is a latent for a decoder (``unit`` 1), an image for an encoder (``unit`` 8); ``park_budget``: bytes
+    the waiting tiles may take, :class:`HostMemoryShort` before any work where they would take more;
+    ``monitor``: see :class:`_Parking`.
+
+    Between two GroupNorms a tile parks only its core; the next step rebuilds its window from the cores of the
+    tiles it overlaps (their outputs of the same step, kept for it where they have moved on). Every tile's halo
+    is thus refreshed with its neighbours' values at every GroupNorm, and a tile's border errors cannot travel
+    inward beyond the few px of one step's convolutions, which the halo absorbs: outside attention the tiles
+    compute what the whole pass computes, and the host holds one image's worth of each waiting activation, not
+    the overlaps twice. Attention attends within its tile, so tiles disagree after it everywhere: its outputs
+    are blended across the overlaps with the linear ramps of :func:`lib_hires.vae_tiles.tiled_decode` (at its
+    resolution, the latent's: a small image), so that one tile's attention fades into the next instead of
+    meeting it at a core's edge. The output is then the tiles' cores put together."""
+    grid = _grid(x, tile, overlap, unit)
+    out_device = x.device if out_device is None else torch.device(out_device)
+    if len(grid.rows) == len(grid.cols) == 1:
+        return (forward or module)(x).to(out_device)
+    th, tw = grid.th, grid.tw
+    program = program_of(module, x, unit, forward, probe=min(PROBE, th, tw))
+    estimate = parked_bytes(program, x, tile, overlap, unit)
+    if park_budget is not None and estimate > park_budget:
+        raise HostMemoryShort(f"the tiles waiting between GroupNorms need about {estimate / 2 ** 20:.0f} MiB of "
+                              f"host memory; {park_budget / 2 ** 20:.0f} MiB can be given")
+    device, park = x.device, torch.device(park)
+    parking = _Parking(park, monitor)
+    tiles = grid.tiles
+    sources = {u: grid.sources(u) for u in tiles}
+    cores = {t: grid.core(t) for t in tiles}
+    origins = {t: grid.window(t)[::2] for t in tiles}
+
+    def scale_of(t, tensor):   # px per layout px of a parked core
+        return tensor.shape[-2] // (cores[t][1] - cores[t][0])
+
+    # per tile: the cores of the distinct tensors of its state; ``alias``: which of them each position is
+    states = {t: parking.keep([_crop(x, cores[t], (0, 0), unit)]) for t in tiles}
+    alias = [0]
+    segments = _segments(program)
+    image = None
     stats = None
-    peak = 0
     with torch.no_grad():
         for k, segment in enumerate(segments):
             following = segments[k + 1][0].barrier if k + 1 < len(segments) else None
             gathered = _Stats(following.num_groups) if following is not None else None
-            parked = 0
-            for i, j in tiles:
-                h, *stack = _to(states.pop((i, j)), device)
+            blend = [] if any(step.kind == "attention" for step in segment) and following is not None else None
+            kept: dict[tuple, list[torch.Tensor]] = {}   # (from tile, for tile): parts of an old core
+            done: set = set()
+            for n, u in enumerate(tiles):
+                windows = []
+                for d, own in enumerate(states[u]):
+                    s = scale_of(u, own)
+                    window = torch.empty(*own.shape[:-2], th * s, tw * s, dtype=own.dtype, device=device)
+                    for t, part in sources[u]:
+                        src = kept[(t, u)][d] if t in done else _crop(states[t][d], part, cores[t][::2], s)
+                        _crop(window, part, origins[u], s).copy_(src)
+                    windows.append(window)
+                for t, _ in sources[u]:
+                    if t in done:
+                        parking.drop(kept.pop((t, u)))
+                for v in tiles[n + 1:]:   # what the tiles still to come need of this tile's old core
+                    part = _intersect(cores[u], grid.window(v))
+                    if part is not None:
+                        kept[(u, v)] = parking.keep([_crop(c, part, cores[u][::2], scale_of(u, c)) for c in states[u]])
+                parking.drop(states.pop(u))
+                h, *stack = [windows[d] for d in alias]
+                del windows
                 for step in segment:
                     h = _apply(step, h, stack, stats)
-                if gathered is None:
-                    canvas.add(i, j, h)
-                    continue
+                done.add(u)
                 s = h.shape[-2] // th
                 if h.shape[-2:] != (s * th, s * tw):
                     raise UnsupportedVAE(f"a {th}x{tw} tile became {tuple(h.shape[-2:])} inside the VAE")
-                (r0, r1), (c0, c1) = cores_h[i], cores_w[j]
-                gathered.add(h[..., r0 * s:r1 * s, c0 * s:c1 * s])
-                states[(i, j)] = _to([h] + stack, park)
-                parked += sum({id(t): t.numel() * t.element_size() for t in states[(i, j)]}.values())
+                if gathered is None:   # the output: the cores put together
+                    if image is None:
+                        image = torch.empty(*h.shape[:-2], grid.height * s, grid.width * s, dtype=h.dtype,
+                                            device=out_device)
+                    _crop(image, cores[u], (0, 0), s).copy_(_crop(h, cores[u], origins[u], s))
+                    del h, stack
+                    continue
+                tensors, next_alias = _distinct([h] + stack)
                 del h, stack
-            peak = max(peak, parked)
+                if blend is not None:
+                    if not blend:
+                        for t in tensors:
+                            parking.count(t[..., :1, :1].numel() * 4 * grid.height * grid.width * s * s)
+                            blend.append(_Canvas(grid.rows, grid.cols, th, tw, grid.height, grid.width, park))
+                    for canvas, t in zip(blend, tensors):
+                        canvas.add(*u, t)
+                    continue
+                gathered.add(_crop(tensors[0], cores[u], origins[u], s))
+                states[u] = parking.keep([_crop(t, cores[u], origins[u], t.shape[-2] // th)
+                                          for t in tensors])
+                del tensors
+            assert not kept, "every kept halo piece was used"
+            if blend:   # the blended attention outputs become the tiles' cores
+                blended = [canvas.result() for canvas in blend]
+                for t in tiles:
+                    states[t] = parking.keep([_crop(b, cores[t], (0, 0), b.shape[-2] // grid.height)
+                                              for b in blended])
+                    gathered.add(states[t][0])
+                nbytes = sum(canvas.image.numel() * 4 for canvas in blend)
+                del blended, blend
+                parking.count(-nbytes)
+            alias = next_alias if gathered is not None else alias
             stats = gathered
-    last_pass.parked_peak, last_pass.tiles = peak, len(tiles)
-    return canvas.result()
+    last_pass.parked_peak, last_pass.tiles = parking.peak, len(tiles)
+    return image

@@ -58,6 +58,10 @@ def test_tiled_decode_matches_the_whole_decode(decoder):
     assert tiled.shape == whole.shape
     quality = psnr(levels(tiled), levels(whole), 255)
     assert quality >= 40, f"tiled vs whole decode: {quality:.1f} dB"
+    # outside attention (zeroed here) tiles whose halos are refreshed from their neighbours at every GroupNorm
+    # compute what the whole pass computes, up to rounding (~90 dB); tiles that kept their own borders through
+    # the whole decoder reached 40.7 dB here
+    assert quality >= 60, f"tiled vs whole decode: {quality:.1f} dB: border errors travel into the tiles"
 
 
 def test_tiled_encode_mean_matches_the_whole_encode():
@@ -132,11 +136,15 @@ def test_layers_see_one_tile_and_the_rest_waits_parked(decoder):
     # + the probe (forward and program, each within one tile) where this decoder's program is not cached yet
     assert last_pass.tiles == tiles and len(seen["in"]) - tiles in (0, 2)
     assert max(seen["in"]) <= 16 and max(seen["out"]) <= 8 * 16
-    # the waiting tiles' host memory is known before any work, and refused beyond a budget
+    # the waiting tiles' host memory is known before any work, and refused beyond a budget; only the tiles'
+    # cores wait (one image's worth at the widest GroupNorm) plus the halo pieces kept for tiles still to come,
+    # not the overlapping windows
     program = program_of(decoder, torch.zeros(1, 4, 16, 16), 1)
     (th, rows), (tw, cols) = tile_layout(48, 16, 4), tile_layout(40, 16, 4)
-    estimate = parked_bytes(program, torch.zeros(1, 4, 48, 40), th * tw * len(rows) * len(cols))
-    assert last_pass.parked_peak == estimate > 0
+    estimate = parked_bytes(program, torch.zeros(1, 4, 48, 40), 16, 4)
+    image = program.parked_per_px * 48 * 40 * 4
+    assert image < last_pass.parked_peak <= estimate <= 1.1 * image
+    assert estimate < 0.75 * program.parked_per_px * th * tw * len(rows) * len(cols) * 4
     with pytest.raises(HostMemoryShort, match="tiles waiting between GroupNorms need"):
         shared_norm_forward(decoder, torch.randn(1, 4, 48, 40), tile=16, overlap=4, park_budget=estimate - 1)
 

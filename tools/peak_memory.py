@@ -1,4 +1,5 @@
-"""Peak resident memory of this process since a reset (Linux), for benchmarks that run one thing per child."""
+"""Peak resident memory of this process since a reset (Linux), for benchmarks that run one thing per child, and
+the compute side's part of it where tiles are parked in the same memory."""
 from __future__ import annotations
 
 import ctypes
@@ -32,6 +33,15 @@ def peak_rss(since_reset: bool) -> int:
 GIB = 2 ** 30
 
 
+def current_rss() -> int:
+    """Bytes resident now (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
 def free_memory(device: str) -> int:
     """Bytes a benchmark may use on ``device`` now (8 GiB where the host's free memory cannot be read)."""
     import torch
@@ -57,3 +67,39 @@ def resolve_vae_args(args, cpu_width: float) -> tuple[bool, int, int]:
     channels = build_decoder(args.width).conv_in.out_channels
     args.tile = args.tile or choose_tile(free_memory(args.device), element, channels)
     return cuda, element, channels
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+class DevicePeakOnHost:
+    """The compute side's peak where device and host are one memory (a CPU run): the process's resident memory
+    less what the pass has parked, i.e. what a GPU would have to hold, measured between parking events.
+
+    ``lib_hires.vae_layers.shared_norm_forward(..., monitor=this)`` calls it with the bytes parked right before
+    and right after every change to them. At each call the RSS high-water mark of the interval since the last
+    call is read and reset (``/proc/self/clear_refs``): an interval holds either only compute (parked bytes
+    constant) or one allocation or one free of parked memory, so its peak less the larger of its two parked
+    counts is the compute side's peak in it (exact for an allocation, whose peak is at its end, and for a free,
+    whose peak is at its start). ``host`` is the largest high-water mark of all intervals: the process's peak.
+    Freed memory that the C allocator keeps counts as compute memory (run with ``MALLOC_MMAP_THRESHOLD_``
+    low to keep that small), so the figure errs high, never low."""
+
+    def __init__(self):
+        self.parked = 0
+        self.device = self.host = 0
+        if not reset_peak_rss():
+            raise OSError("the RSS high-water mark cannot be reset here")
+
+    def __call__(self, parked: int) -> None:
+        hwm = _hwm()
+        self.host = max(self.host, hwm)
+        self.device = max(self.device, hwm - max(self.parked, parked))
+        self.parked = parked
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")

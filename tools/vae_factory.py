@@ -13,7 +13,7 @@ moments, mean and log-variance of the 4 latent channels. Module names and attrib
 the real VAE walks these too; parameters are created in ldm's order.
 
 ``width`` scales every channel count (the tiny fixtures use 1/4), so a slow machine can measure the same
-structure. Attention runs through ``scaled_dot_product_attention`` as the WebUI's SDP optimisation does;
+structure (below 1/8 the narrowest norms have fewer than 32 groups, one per channel). Attention runs through ``scaled_dot_product_attention`` as the WebUI's SDP optimisation does;
 swish is ``x * sigmoid(x)`` as ldm writes it (two temporaries, which the peak memory includes).
 """
 from __future__ import annotations
@@ -32,12 +32,21 @@ def _swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
+GROUPS = 32
+
+
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+    return nn.GroupNorm(min(GROUPS, channels), channels, eps=1e-6)
 
 
 def base_channels(width: float) -> int:
-    return max(32, int(round(BASE_CHANNELS * width / 32)) * 32)  # GroupNorm needs 32 groups
+    """128 channels at full width, in steps of 32 so that each GroupNorm keeps its 32 groups, at least 32 (which
+    1/4 and 1/8 both give). Below 1/8 (benchmarks that must run big images on a CPU) the base is 128 * width
+    rounded, at least 4, and a norm over fewer than 32 channels has one group per channel, as the 32-channel
+    level of the 32-channel base has."""
+    if width < 0.125:
+        return max(4, int(round(BASE_CHANNELS * width)))
+    return max(32, int(round(BASE_CHANNELS * width / 32)) * 32)
 
 
 class ResnetBlock(nn.Module):
