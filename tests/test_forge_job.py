@@ -1,5 +1,4 @@
 """ScaleCrafter's Forge job and pass, driven through Forge's call order with fakes (tests/forge_fakes.py)."""
-import sys
 import types
 
 import pytest
@@ -7,6 +6,7 @@ import torch
 
 from lib_hires.forge import is_forge_model
 from lib_hires.forge import model as forge_model
+from lib_hires.forge import job as forge_job
 from lib_hires.forge.job import ForgeJob
 from lib_hires.forge.scalecrafter import CUSTOM_CFG, MULTIDIFFUSION, ForgeScaleCrafterPass
 from lib_hires.settings import ScaleFusionSettings
@@ -216,9 +216,7 @@ def test_demofusion_calls_out_to_forges_run(model, monkeypatch):
         def start_pass(self, p, x):
             calls.append(("pass", tuple(x.shape[-2:])))
 
-    module = types.ModuleType("lib_hires.forge.demofusion")
-    module.ForgeDemoFusionRun = ForgeDemoFusionRun
-    monkeypatch.setitem(sys.modules, "lib_hires.forge.demofusion", module)
+    monkeypatch.setattr(forge_job, "ForgeDemoFusionRun", ForgeDemoFusionRun)
     p = FakeForgeTxt2Img(model)
     run_forge_job(p, settings(method="DemoFusion"))
     assert calls == [("init", "DemoFusion"), ("run", "sd1"), ("pass", (16, 16))]
@@ -228,8 +226,6 @@ def test_post_sample_hands_the_decode_to_forges_decoding(model, monkeypatch):
     job = ForgeJob(FakeForgeTxt2Img(model), settings())
     ps = types.SimpleNamespace(samples=torch.zeros(1, 4, 8, 8))
     seen = []
-    module = types.ModuleType("lib_hires.forge.decoding")
-    module.post_sample = lambda p, ps: seen.append((p, ps))
-    monkeypatch.setitem(sys.modules, "lib_hires.forge.decoding", module)
+    monkeypatch.setattr(forge_job.decoding, "post_sample", lambda p, ps: seen.append((p, ps)))
     job.post_sample(job.p, ps)
     assert seen == [(job.p, ps)]

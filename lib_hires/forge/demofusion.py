@@ -24,13 +24,12 @@ import functools
 
 import torch
 
-from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, LaterStart, Stage, StagePlan, dilated_size,
-                                  later_stage_start, local_views, plan_calls, restandardize, row_stats, skip_residual,
-                                  skip_weight, upsample_latent)
+from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, dilated_size, local_views,
+                                  plan_calls, restandardize, row_stats, skip_residual, skip_weight, upsample_latent)
 from lib_hires.demofusion.step_starts import StepStarts, tracked_call
 from lib_hires.settings import TITLE, ScaleFusionSettings
-from lib_hires.webui.demofusion_sampler import (JITTER_SEED, _refiner_switches, engine_settings, img2img_noise,
-                                                sampler_reason, stage_plan)
+from lib_hires.webui.demofusion_sampler import (JITTER_SEED, StagedRun, _refiner_switches, engine_settings,
+                                                img2img_noise, sampler_reason, stage_plan)
 from lib_hires.webui.instance_patch import InstancePatch
 from lib_hires.webui.messages import RequestError, log
 
@@ -238,7 +237,7 @@ class StageSampling:
             patch.remove()
 
 
-class ForgeDemoFusionRun:
+class ForgeDemoFusionRun(StagedRun):
     """Takes the place of ``p.sample`` for one Forge job; the job calls :meth:`start_pass` from
     ``process_before_every_sampling``."""
 
@@ -249,15 +248,6 @@ class ForgeDemoFusionRun:
         self.size_cond: ForgeSizeConditioning | None = None
         self.hooks: list = []                    # stage 1's conditioning modifier
         self.fused: list[FusedDenoiser] = []     # each later stage's, for its counters
-
-    @property
-    def is_img2img(self) -> bool:
-        return getattr(self.p, "init_latent", None) is not None
-
-    def later_start(self) -> LaterStart:
-        settings = self.job.settings
-        return later_stage_start(img2img=self.is_img2img, stage_strength=settings.stage_strength, steps=self.p.steps,
-                                 later_steps=settings.later_steps, denoising_strength=self.p.denoising_strength)
 
     def start_pass(self, p, x) -> None:
         """Stage 1 (Forge's own sampling): on SDXL, the final size in ``y``; re-dilation where it is asked for
@@ -326,34 +316,6 @@ class ForgeDemoFusionRun:
             if not self._stopped():
                 z = restandardize(z, *anchor)
         return z
-
-    def _progress_text(self, stage: Stage) -> str:
-        return f"DemoFusion stage {stage.index}/{len(self.plan.stages)}: {stage.width}x{stage.height}"
-
-    def _check_interrupt(self) -> None:
-        """Between the UNet calls of an evaluation: ends the stage the way Forge's own denoiser does."""
-        if self._stopped():
-            from modules import sd_samplers_common
-            raise sd_samplers_common.InterruptedException
-
-    @staticmethod
-    def _stopped() -> bool:
-        from modules import shared
-        return bool(shared.state.interrupted or shared.state.skipped)
-
-    def _refine_job_count(self) -> None:
-        """Each image is sampled once per stage; the progress bar counts every step of all of them."""
-        from modules import shared
-        state = shared.state
-        if state.processing_has_refined_job_count:
-            return
-        if state.job_count == -1:
-            state.job_count = self.p.n_iter
-        later = self.later_start().steps_run(self.p.steps, bool(shared.opts.img2img_fix_steps))
-        first = 0 if self.is_img2img else self.p.steps
-        shared.total_tqdm.updateTotal(state.job_count * (first + (len(self.plan.stages) - 1) * later))
-        state.job_count *= len(self.plan.stages)
-        state.processing_has_refined_job_count = True
 
     def _save_stage(self, z, index: int) -> None:
         """An intermediate stage's images beside the final ones ("-stage1", ...), decoded by Forge."""

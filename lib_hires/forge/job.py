@@ -15,8 +15,6 @@ of ``p.sample`` (it refuses what it cannot run there, before sampling) and told 
 """
 from __future__ import annotations
 
-import importlib
-
 from lib_hires.settings import DF, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import short_source, size_warnings
 from lib_hires.webui.job import _live_hooks
@@ -24,12 +22,10 @@ from lib_hires.webui.messages import RequestError, log
 from lib_hires.webui.model_info import ModelInfo, UnsupportedModelError
 from lib_hires.webui.scalecrafter_pass import plan_for_latent
 
+from . import decoding
 from . import model as forge_model
+from .demofusion import ForgeDemoFusionRun
 from .scalecrafter import ForgeScaleCrafterPass
-
-def _demofusion_run(p, job, original_sample):
-    # Imported by name when a DemoFusion job starts (the module is large and only DemoFusion jobs need it).
-    return importlib.import_module("lib_hires.forge.demofusion").ForgeDemoFusionRun(p, job, original_sample)
 
 
 def _refiner_reason(p) -> str | None:
@@ -51,7 +47,7 @@ class ForgeJob:
         self.model = None          # the model object self.info was made for
         self.hooks: list = []      # this pass's hooks
         original_sample = p.sample
-        self.run = _demofusion_run(p, self, original_sample) if settings.method == DF else None
+        self.run = ForgeDemoFusionRun(p, self, original_sample) if settings.method == DF else None
 
         def sample(*args, **kwargs):
             try:
@@ -138,7 +134,7 @@ class ForgeJob:
     def post_sample(self, p, ps) -> None:
         """``Script.post_sample``: the decode of a big latent goes to ``lib_hires.forge.decoding`` (tiles with
         whole-image GroupNorm statistics); Forge's own decode runs for the rest."""
-        importlib.import_module("lib_hires.forge.decoding").post_sample(p, ps)
+        decoding.post_sample(p, ps)
 
     @staticmethod
     def _say_vanilla(p, infotext_key: str, reason: str) -> None:

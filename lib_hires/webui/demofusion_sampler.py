@@ -217,15 +217,13 @@ class FinalSizeConditioning:
 JITTER_SEED = 0x5CA1E  # views are shared by all images of a batch, so their jitter cannot follow each image's seed
 
 
-class DemoFusionRun:
-    """Takes the place of ``p.sample`` for one job (installed in ``before_process``, so ControlNet wraps it)."""
+class StagedRun:
+    """What a DemoFusion run over ``p`` keeps track of the same way in the WebUI and in Forge: whether stage 1
+    comes from an init image, the later stages' start, the progress bar, and interrupts between UNet calls."""
 
-    def __init__(self, p, job, original_sample):
-        self.p, self.job, self.original_sample = p, job, original_sample
-        self.plan: StagePlan | None = None
-        self.stage: Stage | None = None          # the stage being sampled; Job.start_pass reads it
-        self.size_cond: SizeConditioning | None = None
-        self.refiner_hold: RefinerHold | None = None  # the refiner waits for the final stage
+    p = None
+    job = None
+    plan: StagePlan | None = None
 
     @property
     def is_img2img(self) -> bool:
@@ -236,6 +234,46 @@ class DemoFusionRun:
         settings = self.job.settings
         return later_stage_start(img2img=self.is_img2img, stage_strength=settings.stage_strength, steps=self.p.steps,
                                  later_steps=settings.later_steps, denoising_strength=self.p.denoising_strength)
+
+    def _progress_text(self, stage: Stage) -> str:
+        return f"DemoFusion stage {stage.index}/{len(self.plan.stages)}: {stage.width}x{stage.height}"
+
+    def _check_interrupt(self) -> None:
+        """Between the UNet calls of a step: ends the stage the way the WebUI's (and Forge's) own denoiser does."""
+        if self._stopped():
+            from modules import sd_samplers_common
+            raise sd_samplers_common.InterruptedException
+
+    @staticmethod
+    def _stopped() -> bool:
+        from modules import shared
+        return bool(shared.state.interrupted or shared.state.skipped)
+
+    def _refine_job_count(self) -> None:
+        """Each image is sampled once per stage; the progress bar counts every step of all of them (stage 1
+        is not sampled in img2img; later stages run the steps of :meth:`later_start`)."""
+        from modules import shared
+        state = shared.state
+        if state.processing_has_refined_job_count:
+            return
+        if state.job_count == -1:
+            state.job_count = self.p.n_iter
+        later = self.later_start().steps_run(self.p.steps, bool(shared.opts.img2img_fix_steps))
+        first = 0 if self.is_img2img else self.p.steps
+        shared.total_tqdm.updateTotal(state.job_count * (first + (len(self.plan.stages) - 1) * later))
+        state.job_count *= len(self.plan.stages)
+        state.processing_has_refined_job_count = True
+
+
+class DemoFusionRun(StagedRun):
+    """Takes the place of ``p.sample`` for one job (installed in ``before_process``, so ControlNet wraps it)."""
+
+    def __init__(self, p, job, original_sample):
+        self.p, self.job, self.original_sample = p, job, original_sample
+        self.plan: StagePlan | None = None
+        self.stage: Stage | None = None          # the stage being sampled; Job.start_pass reads it
+        self.size_cond: SizeConditioning | None = None
+        self.refiner_hold: RefinerHold | None = None  # the refiner waits for the final stage
 
     def __call__(self, *args, **kwargs):
         self.refiner_hold = RefinerHold(self.p) if refiner_of(self.p) is not None else None
@@ -298,35 +336,6 @@ class DemoFusionRun:
             return None
         size_cond = SizeConditioning(shared.sd_model, self.plan.final.width, self.plan.final.height)
         return size_cond if size_cond.available else None
-
-    def _progress_text(self, stage: Stage) -> str:
-        return f"DemoFusion stage {stage.index}/{len(self.plan.stages)}: {stage.width}x{stage.height}"
-
-    def _check_interrupt(self) -> None:
-        """Between the UNet calls of a step: ends the stage the way the WebUI's own denoiser does."""
-        if self._stopped():
-            from modules import sd_samplers_common
-            raise sd_samplers_common.InterruptedException
-
-    @staticmethod
-    def _stopped() -> bool:
-        from modules import shared
-        return bool(shared.state.interrupted or shared.state.skipped)
-
-    def _refine_job_count(self) -> None:
-        """Each image is sampled once per stage; the progress bar counts every step of all of them (stage 1
-        is not sampled in img2img; later stages run the steps of :meth:`later_start`)."""
-        from modules import shared
-        state = shared.state
-        if state.processing_has_refined_job_count:
-            return
-        if state.job_count == -1:
-            state.job_count = self.p.n_iter
-        later = self.later_start().steps_run(self.p.steps, bool(shared.opts.img2img_fix_steps))
-        first = 0 if self.is_img2img else self.p.steps
-        shared.total_tqdm.updateTotal(state.job_count * (first + (len(self.plan.stages) - 1) * later))
-        state.job_count *= len(self.plan.stages)
-        state.processing_has_refined_job_count = True
 
     def _sample_stage(self, stage, z, c, uc, engine, jitter, hints):
         from modules import rng, sd_samplers

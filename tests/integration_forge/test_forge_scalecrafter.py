@@ -3,6 +3,7 @@ UNet class in this process (the tiny ``IntegratedUNet2DConditionModel`` of tiny_
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -90,6 +91,27 @@ def test_img2img(forge, fresh_plain):
 def test_bad_settings_and_what_forge_cannot_run_answer_422(forge, fresh_plain, settings, message):
     result = forge.txt2img(alwayson_scripts=scalefusion(**{**SC, **settings}), **SMALL)
     assert result.status == 422 and message in result.detail, result
+    assert np.array_equal(forge.txt2img().image, fresh_plain.image)
+
+
+def test_xyz_axes_sweep_the_settings_and_each_cell_describes_only_itself(forge, fresh_plain):
+    status, scripts = forge.get("/sdapi/v1/script-info")
+    assert status == 200, scripts
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    labels = xyz["args"][0]["choices"]
+    multiplier = labels.index("[ScaleFusion] ScaleCrafter Dilation multiplier")
+    enabled, nothing = labels.index("[ScaleFusion] Enabled"), labels.index("Nothing")
+    # X: a number axis (csv values), Y: a choice axis (dropdown values); legend, lone images, no sub-grids, ...
+    args = [multiplier, "1, 2", [], enabled, "", ["True", "False"], nothing, "", [],
+            True, True, False, False, False, False, False, 0, False]
+    result = forge.txt2img(script_name="x/y/z plot", script_args=args, alwayson_scripts=SMALL_SC, **SMALL)
+    assert result.status == 200, result
+    cells = json.loads(result.json["info"])["infotexts"][1:]
+    assert len(cells) == 4  # (1, True), (2, True), (1, False), (2, False)
+    assert [c.split("ScaleCrafter multiplier: ")[1].split(",")[0] for c in cells[:2]] == ["1", "2"]
+    assert all("ScaleFusion" not in c and "ScaleCrafter" not in c for c in cells[2:]), cells[2:]
+    assert differs(result.images[1], result.images[2])  # the grid comes first, then the cells
+    assert np.array_equal(result.images[3], result.images[4])  # off: the multiplier changes nothing
     assert np.array_equal(forge.txt2img().image, fresh_plain.image)
 
 
