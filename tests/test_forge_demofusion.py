@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lib_hires.demofusion import DemoFusionSettings, FusedDenoiser, Stage, repeat_rows, skip_residual, skip_weight
 from lib_hires.forge.demofusion import (StageSampling, StageViews, ViewBatchMemory, largest_call, request_reason,
                                         unsupported_reason)
-from lib_hires.forge.demofusion_views import ControlViews, ViewFunction, cond_indices, cond_mark
+from lib_hires.forge.demofusion_views import ControlViews, ViewFunction, ViewsUnsupported, cond_indices, cond_mark
 from lib_hires.forge.sdxl_size import FinalSizeModifier, ForgeSizeConditioning
 from lib_hires.webui.instance_patch import InstancePatch
 from lib_hires.webui.messages import RequestError
@@ -94,6 +94,19 @@ def test_views_in_the_wrapper_equal_the_engines_fused_result(chunks):
         assert call.options["cond_or_uncond"] == chunks * views
         assert torch.equal(call.options["cond_mark"], torch.tensor(chunks * views, dtype=torch.float32))
         assert call.options["sigmas"].shape == (1,)
+
+
+def test_a_crop_of_the_stage_latent_is_refused_not_fused():
+    """Forge's area conditioning hands the model function a crop of the latent: views of it would be
+    views of another image, so the wrapper refuses instead of fusing them."""
+    model = KModel(tiny_unet("sd1"))
+    x, sigma, c = inputs(2)
+    wrapper = ViewFunction(make_fused(model.predictor), latent_hw=(16, 16))
+    assert wrapper(model.apply_model, forge_args(x, sigma, c, [0, 1])).shape == x.shape  # the whole latent
+    model.calls.clear()
+    with pytest.raises(ViewsUnsupported, match="128x128 latent.*128x96 part of it"):
+        wrapper(model.apply_model, forge_args(x[..., :12, :], sigma, c, [0, 1]))
+    assert not model.calls
 
 
 def test_cond_indices_follow_forges_layout():

@@ -181,7 +181,8 @@ class StageViews:
         make_fused = functools.partial(FusedDenoiser.from_settings, settings=engine, dilation=stage.dilation,
                                        sigma_to_t=predictor.timestep, jitter=jitter)
         self.views = ViewFunction(make_fused, previous=options.get("model_function_wrapper"), size_cond=size_cond,
-                                  controls=self.controls, check_interrupt=check_interrupt)
+                                  controls=self.controls, check_interrupt=check_interrupt,
+                                  latent_hw=stage.latent_size)
         self.clone.model_options["model_function_wrapper"] = self.views
         base = options.get("memory_peak_estimation_modifier", self.unet.memory_required)
         self.clone.model_options["memory_peak_estimation_modifier"] = ViewBatchMemory(base, engine, stage.dilation)

@@ -191,8 +191,10 @@ class ViewFunction:
     """
 
     def __init__(self, make_fused: Callable[..., FusedDenoiser], *, previous=None, size_cond=None,
-                 controls: ControlViews | None = None, check_interrupt: Callable[[], None] | None = None):
+                 controls: ControlViews | None = None, check_interrupt: Callable[[], None] | None = None,
+                 latent_hw: tuple[int, int] | None = None):
         self.previous, self.size_cond, self.controls = previous, size_cond, controls
+        self.latent_hw = latent_hw  # the stage's latent: any other input is a crop Forge made of it
         self.check_interrupt = check_interrupt
         self.fused = make_fused(self._views, view_cond=self._view_cond, before_call=self._before_call)
         self.active = True
@@ -215,6 +217,11 @@ class ViewFunction:
             return self._plain(apply_model, args)
         x, c = args["input"], dict(args["c"])
         options = c.get("transformer_options", {})
+        if self.latent_hw is not None and tuple(x.shape[-2:]) != tuple(self.latent_hw):
+            raise ViewsUnsupported(f"{TITLE}: DemoFusion's views need the whole {self.latent_hw[1] * 8}x"
+                                   f"{self.latent_hw[0] * 8} latent, and Forge handed the UNet a "
+                                   f"{x.shape[-1] * 8}x{x.shape[-2] * 8} part of it (area conditioning, as an "
+                                   "extension's regional prompts set): turn that off to use DemoFusion")
         if "c_concat" in c and isinstance(c["c_concat"], torch.Tensor) and c["c_concat"].shape[-2:] == x.shape[-2:]:
             raise ViewsUnsupported(f"{TITLE}: DemoFusion cannot cut a latent-sized image conditioning (c_concat: "
                                    "an inpainting model or an extension's concat condition) per view")
