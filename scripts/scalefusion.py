@@ -9,9 +9,9 @@ import html
 
 from modules import script_callbacks, scripts, shared
 
-from lib_hires.forge import is_forge_model
-from lib_hires.forge import model as forge_model
-from lib_hires.forge.job import ForgeJob
+from lib_hires.webui.forge import is_forge_model
+from lib_hires.webui.forge import model as forge_model
+from lib_hires.webui.forge.job import ForgeJob
 from lib_hires.settings import DF, FIELDS, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import demofusion_summary, scalecrafter_summary
 from lib_hires.webui import decoding, job, model_info, options, ui, xyz

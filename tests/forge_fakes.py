@@ -299,7 +299,7 @@ class FakeForgeTxt2Img:
 
 def run_forge_job(p: FakeForgeTxt2Img, settings):
     """``process_images`` for one batch with the job Forge gets: before_process, process, p.sample, postprocess."""
-    from lib_hires.forge.job import ForgeJob
+    from lib_hires.webui.forge.job import ForgeJob
     from lib_hires.webui import job
 
     active = job.begin(p, [settings.to_dict()], lambda: type(settings)(), ForgeJob)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lib_hires.forge.scalecrafter import forge_conv_weights
+from lib_hires.webui.forge.scalecrafter import forge_conv_weights
 from lib_hires.scalecrafter import RedilationHandle, ScaleCrafterController, build_plan, redilate
 from lib_hires.scalecrafter.redilated_conv import ConvHook, ForwardConvHook
 from tests import forge_fakes

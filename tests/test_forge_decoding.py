@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lib_hires.forge.decoding import (DECODE_WRAPPER, ENCODE_WRAPPER, SmallPreviews, TiledVae, VaeWrappers,
+from lib_hires.webui.forge.decoding import (DECODE_WRAPPER, ENCODE_WRAPPER, SmallPreviews, TiledVae, VaeWrappers,
                                       automatic_tile)
 from lib_hires.vae_layers import shared_norm_forward
 from lib_hires.vae_tiles import PREVIEW_MAX_SIDE, default_overlap, tiled_apply

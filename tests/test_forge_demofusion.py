@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from lib_hires.demofusion import DemoFusionSettings, FusedDenoiser, Stage, repeat_rows, skip_residual, skip_weight
-from lib_hires.forge.demofusion import (StageSampling, StageViews, ViewBatchMemory, largest_call, request_reason,
+from lib_hires.webui.forge.demofusion import (StageSampling, StageViews, ViewBatchMemory, largest_call, request_reason,
                                         unsupported_reason)
-from lib_hires.forge.demofusion_views import ControlViews, ViewFunction, ViewsUnsupported, cond_indices, cond_mark
-from lib_hires.forge.sdxl_size import FinalSizeModifier, ForgeSizeConditioning
+from lib_hires.webui.forge.demofusion_views import ControlViews, ViewFunction, ViewsUnsupported, cond_indices, cond_mark
+from lib_hires.webui.forge.sdxl_size import FinalSizeModifier, ForgeSizeConditioning
 from lib_hires.webui.instance_patch import InstancePatch
 from lib_hires.webui.messages import RequestError
 from tests.conftest import tiny_unet
@@ -410,7 +410,7 @@ def test_what_forge_cannot_run_is_refused_by_name():
 
 
 def test_redilation_of_the_global_path_is_refused_and_the_first_stage_needs_the_jobs_pass(monkeypatch):
-    from lib_hires.forge import demofusion
+    from lib_hires.webui.forge import demofusion
     from lib_hires.settings import ScaleFusionSettings
 
     for name in ("unsupported_reason", "timestep_sampler_reason", "sampler_reason", "refiner_reason"):

@@ -4,11 +4,11 @@ import types
 import pytest
 import torch
 
-from lib_hires.forge import is_forge_model
-from lib_hires.forge import model as forge_model
-from lib_hires.forge import job as forge_job
-from lib_hires.forge.job import ForgeJob
-from lib_hires.forge.scalecrafter import CUSTOM_CFG, MULTIDIFFUSION, ForgeScaleCrafterPass
+from lib_hires.webui.forge import is_forge_model
+from lib_hires.webui.forge import model as forge_model
+from lib_hires.webui.forge import job as forge_job
+from lib_hires.webui.forge.job import ForgeJob
+from lib_hires.webui.forge.scalecrafter import CUSTOM_CFG, MULTIDIFFUSION, ForgeScaleCrafterPass
 from lib_hires.settings import ScaleFusionSettings
 from lib_hires.webui import job as webui_job
 from lib_hires.webui.messages import RequestError

@@ -48,6 +48,18 @@ def remove_all_hooks() -> None:
         _live_hooks.discard(hook)
 
 
+def check_scalecrafter_sizes(p, info: model_info.ModelInfo, settings: ScaleFusionSettings) -> None:
+    """Refuses a request whose first or hires pass size has no ScaleCrafter plan on this model."""
+    sizes = [(p.width, p.height)]
+    if getattr(p, "enable_hr", False):
+        sizes.append((getattr(p, "hr_upscale_to_x", 0) or p.width, getattr(p, "hr_upscale_to_y", 0) or p.height))
+    for width, height in sizes:
+        try:
+            plan_for_latent(info, settings, (height // 8, width // 8))
+        except SettingsError as error:
+            raise RequestError(f"{TITLE}: {error}") from None
+
+
 def _refuse(p, message: str) -> None:
     log(message)
 
@@ -130,14 +142,7 @@ class Job:
                 raise RequestError(f"{TITLE}: DemoFusion's final size {plan.final.width}x{plan.final.height} exceeds "
                                    f"{MAX_SIDE} px per side; lower scale ({self.settings.scale:g}) or Width/Height")
             return
-        sizes = [(p.width, p.height)]
-        if getattr(p, "enable_hr", False):
-            sizes.append((getattr(p, "hr_upscale_to_x", 0) or p.width, getattr(p, "hr_upscale_to_y", 0) or p.height))
-        for width, height in sizes:
-            try:
-                plan_for_latent(self.info, self.settings, (height // 8, width // 8))
-            except SettingsError as error:
-                raise RequestError(f"{TITLE}: {error}") from None
+        check_scalecrafter_sizes(p, self.info, self.settings)
 
     @staticmethod
     def _timestep_sampler_reason(p) -> str | None:
@@ -304,7 +309,7 @@ def begin(p, args, defaults: Callable[[], ScaleFusionSettings], job_class=None) 
 
     ``defaults()`` gives the user's saved defaults with this request's ``override_settings`` applied (the
     WebUI applies those to the options only after ``before_process``). ``job_class`` (default :class:`Job`)
-    is the job for this kind of model (Forge's: ``lib_hires.forge.job.ForgeJob``).
+    is the job for this kind of model (Forge's: ``lib_hires.webui.forge.job.ForgeJob``).
     """
     remove_all_hooks()
     setattr(p, JOB_ATTR, None)

@@ -1,4 +1,4 @@
-"""lib_hires.forge.decoding on Forge's own VAE classes (in-process), with the SD1 fixture's full-size VAE."""
+"""lib_hires.webui.forge.decoding on Forge's own VAE classes (in-process), with the SD1 fixture's full-size VAE."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lib_hires.forge.decoding import TiledVae
+from lib_hires.webui.forge.decoding import TiledVae
 
 # The GroupNorm setting given, not read from Forge's options: importing Forge's ``modules`` here would parse
 # pytest's command line as Forge's.
@@ -97,7 +97,7 @@ def test_forges_encode_of_a_big_image_goes_through_tiles(forge_vae):
 
 def test_a_forge_jobs_big_latent_is_decoded_in_tiles_by_the_server(forge, fresh_plain):
     """Through the API: a ScaleFusion job's decode with a 16-latent-px tile (this request only) goes through
-    lib_hires.forge.decoding's tiles; the image is the untiled one's up to the tiles' attention, not equal to it."""
+    lib_hires.webui.forge.decoding's tiles; the image is the untiled one's up to the tiles' attention, not equal to it."""
     from tests.integration_forge.conftest import scalefusion
 
     request = dict(width=256, height=256, steps=2, alwayson_scripts=scalefusion(method="ScaleCrafter"))

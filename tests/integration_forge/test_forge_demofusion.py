@@ -144,8 +144,8 @@ def test_views_on_forges_sdxl_unet_equal_the_engines_fused_result(sdxl_unet):
     from backend.modules.k_model import KModel
     from backend.nn.unet import Timestep
     from lib_hires.demofusion import FusedDenoiser, repeat_rows
-    from lib_hires.forge.demofusion_views import ViewFunction, cond_mark
-    from lib_hires.forge.sdxl_size import ForgeSizeConditioning
+    from lib_hires.webui.forge.demofusion_views import ViewFunction, cond_mark
+    from lib_hires.webui.forge.sdxl_size import ForgeSizeConditioning
     from tests.integration_forge.tiny_sdxl import CONTEXT_DIM
 
     unet = sdxl_unet(seed=3)

@@ -192,7 +192,7 @@ def _plain_twin(unet):
 def test_sdxl_redilation_hooks_install_on_forges_module_paths_and_match_the_plain_path(sdxl_unet, storage):
     from backend.operations import ForgeOperations
 
-    from lib_hires.forge.scalecrafter import forge_conv_weights
+    from lib_hires.webui.forge.scalecrafter import forge_conv_weights
     from lib_hires.scalecrafter import ScaleCrafterController, build_plan, canonical_layout, scan_unet
     from lib_hires.scalecrafter.redilated_conv import ConvHook, ForwardConvHook
 

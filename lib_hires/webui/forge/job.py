@@ -9,7 +9,7 @@ removes what the previous one armed, so the last one, on the objects that sample
 installs comes off when ``p.sample`` returns or raises (an interrupt returns), and again, idempotently, in
 ``postprocess``.
 
-DemoFusion in Forge is ``lib_hires.forge.demofusion.ForgeDemoFusionRun(p, job, original_sample)``: called in place
+DemoFusion in Forge is ``lib_hires.webui.forge.demofusion.ForgeDemoFusionRun(p, job, original_sample)``: called in place
 of ``p.sample`` (it refuses what it cannot run there, before sampling) and told of every pass by
 ``run.start_pass(p, x)``.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from lib_hires.settings import DF, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import short_source, size_warnings
-from lib_hires.webui.job import _live_hooks
+from lib_hires.webui.job import _live_hooks, check_scalecrafter_sizes
 from lib_hires.webui.messages import RequestError, log
 from lib_hires.webui.model_info import ModelInfo, UnsupportedModelError
 from lib_hires.webui.scalecrafter_pass import plan_for_latent
@@ -76,14 +76,7 @@ class ForgeJob:
         reason = _refiner_reason(p)
         if reason:
             raise RequestError(reason)
-        sizes = [(p.width, p.height)]
-        if getattr(p, "enable_hr", False):
-            sizes.append((getattr(p, "hr_upscale_to_x", 0) or p.width, getattr(p, "hr_upscale_to_y", 0) or p.height))
-        for width, height in sizes:
-            try:
-                plan_for_latent(self.info, self.settings, (height // 8, width // 8))
-            except SettingsError as error:
-                raise RequestError(f"{TITLE}: {error}") from None
+        check_scalecrafter_sizes(p, self.info, self.settings)
 
     def write_infotext(self, p) -> None:
         p.extra_generation_params.update(self.settings.to_infotext())
@@ -132,7 +125,7 @@ class ForgeJob:
         return active
 
     def post_sample(self, p, ps) -> None:
-        """``Script.post_sample``: the decode of a big latent goes to ``lib_hires.forge.decoding`` (tiles with
+        """``Script.post_sample``: the decode of a big latent goes to ``lib_hires.webui.forge.decoding`` (tiles with
         whole-image GroupNorm statistics); Forge's own decode runs for the rest."""
         decoding.post_sample(p, ps)
 
