@@ -7,8 +7,8 @@ import torch
 
 from lib_hires.webui.forge.decoding import (DECODE_WRAPPER, ENCODE_WRAPPER, SmallPreviews, TiledVae, VaeWrappers,
                                       automatic_tile)
-from lib_hires.vae_layers import shared_norm_forward
-from lib_hires.vae_tiles import PREVIEW_MAX_SIDE, default_overlap, tiled_apply
+from lib_hires.vae import shared_norm_forward
+from lib_hires.vae import PREVIEW_MAX_SIDE, default_overlap, tiled_apply
 from tools.vae_factory import build_decoder, build_encoder
 
 

@@ -73,3 +73,44 @@ def test_forge_adapters_import_forge_inside_functions_only():
         assert not top_level & (WEBUI_PACKAGES | FORGE_PACKAGES), (path, top_level)
         third_party = imported_roots(path) - set(__import__("sys").stdlib_module_names) - {"lib_hires"}
         assert third_party <= SHIPPED_BY_WEBUI | FORGE_PACKAGES | {"fastapi", "modules", "PIL"}, (path, third_party)
+
+
+def _lib_hires_imports(path: Path) -> set[str]:
+    """The ``lib_hires`` modules ``path`` imports, absolute (relative imports resolved against its package)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.startswith("lib_hires"):
+                found.add(module)
+                found.update(f"{module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("lib_hires"))
+    return found
+
+
+VAE_ORDER = ["layout", "memory", "previews", "shared_norm", "passes"]  # each may import only those before it
+
+
+def test_vae_package_imports_one_way():
+    vae = ROOT / "lib_hires" / "vae"
+    assert sorted(p.stem for p in vae.glob("*.py")) == sorted(VAE_ORDER + ["__init__"])
+    for k, name in enumerate(VAE_ORDER):
+        used = {m.split(".")[2] for m in _lib_hires_imports(vae / f"{name}.py") if m.startswith("lib_hires.vae.")}
+        assert used <= set(VAE_ORDER[:k]), (name, used - set(VAE_ORDER[:k]))
+        others = {m for m in _lib_hires_imports(vae / f"{name}.py") if not m.startswith("lib_hires.vae")}
+        assert not others, (name, others)  # the VAE code stands on torch alone
+
+
+def test_adapters_use_only_the_vae_packages_public_names():
+    import lib_hires.vae as vae
+
+    for path in (ROOT / "lib_hires" / "webui").rglob("*.py"):
+        for module in _lib_hires_imports(path):
+            if module.startswith("lib_hires.vae"):
+                assert module == "lib_hires.vae" or module.split(".")[2] in vae.__all__, (path, module)

@@ -25,7 +25,7 @@ import torch
 
 from lib_hires.demofusion import DemoFusionSettings, Stage
 from lib_hires.scalecrafter import NoiseDampedCFG, ScaleCrafterController, ScaleCrafterSettings, build_plan
-from lib_hires.vae_tiles import tiled_decode
+from lib_hires.vae import tiled_decode
 from tests.conftest import ldm
 from tools.vae_factory import build_decoder
 

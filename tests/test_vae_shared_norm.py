@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_hires.vae_layers import (HostMemoryShort, UnsupportedVAE, last_pass, parked_bytes, program_of,
+from lib_hires.vae import (HostMemoryShort, UnsupportedVAE, last_pass, parked_bytes, program_of,
                                   shared_norm_forward)
-from lib_hires.vae_tiles import default_overlap, tile_layout, tiled_decode, tiled_encode
+from lib_hires.vae import default_overlap, tile_layout, tiled_decode, tiled_encode
 from tools.vae_factory import build_decoder, build_encoder
 
 WIDTH = 0.125   # 32 base channels: the narrowest the layout's 32-group GroupNorms allow

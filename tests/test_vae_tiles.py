@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_hires.vae_tiles import (MAX_TILE, MIN_TILE, PREFERRED_TILE, choose_tile, decoder_peak_bytes, shrink_latent,
+from lib_hires.vae import (MAX_TILE, MIN_TILE, PREFERRED_TILE, choose_tile, decoder_peak_bytes, shrink_latent,
                                  tile_layout, tiled_decode)
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import pytest
 
-from lib_hires.vae_tiles import PREVIEW_MAX_SIDE, default_overlap, tiled_decode, tiled_encode
+from lib_hires.vae import PREVIEW_MAX_SIDE, default_overlap, tiled_decode, tiled_encode
 from lib_hires.webui.decoding import (LargeOutputGuard, VaeTiling, decode_element_size, groupnorm_mode, tile_size,
                                       tiled_vae_active)
 from tools.vae_factory import build_decoder, build_encoder

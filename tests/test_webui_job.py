@@ -11,7 +11,7 @@ import torch
 
 from lib_hires.scalecrafter import guided_combine
 from lib_hires.settings import DF, SC, ScaleFusionSettings, SettingsError
-from lib_hires.vae_tiles import shrink_latent
+from lib_hires.vae import shrink_latent
 from lib_hires.webui import decoding, job, options
 from tests.conftest import tiny_unet
 from tests.webui_fakes import FakeModel, FakeTxt2Img, FakeWebUI, InnerModel, perturbed, run_job

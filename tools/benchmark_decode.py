@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from lib_hires.vae_tiles import decoder_peak_bytes, default_overlap, tiled_decode
+from lib_hires.vae import decoder_peak_bytes, default_overlap, tiled_decode
 from tools.peak_memory import GIB, free_memory, peak_rss, reset_peak_rss, resolve_vae_args
 from tools.vae_factory import build_decoder
 

@@ -8,7 +8,7 @@
 For each output size and each half of the VAE (``tools.vae_factory``: random weights, the real layout;
 ``--width`` scales its channels), three modes: ``whole`` (one pass, where its estimated peak fits in 60% of
 the free memory, or up to ``--whole-up-to``), ``shared`` (tiles, GroupNorms with whole-image statistics, tiles
-parked in host memory between them: ``lib_hires.vae_layers``) and ``per-tile`` (tiles, each normalised on its
+parked in host memory between them: ``lib_hires.vae``) and ``per-tile`` (tiles, each normalised on its
 own). A size that is one tile at ``--tile`` runs its tiled modes at half its latent side, so that tiles and the
 whole pass can be compared (said in the output). Every run is a fresh child process; it reports seconds, the
 host peak (the process's peak resident memory: weights, input, output and, for ``shared``, the parked tiles
@@ -49,8 +49,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lib_hires import vae_layers
-from lib_hires.vae_tiles import (decoder_peak_bytes, default_overlap, tile_layout,
+from lib_hires.vae import shared_norm
+from lib_hires.vae import (decoder_peak_bytes, default_overlap, tile_layout,
                                  tiled_decode, tiled_encode)
 from tools.peak_memory import (GIB, DevicePeakOnHost, current_rss, free_memory, peak_rss, reset_peak_rss,
                                resolve_vae_args)
@@ -102,7 +102,7 @@ def run_once(part: str, mode: str, pixels: int, tile: int, args, out_path: str) 
         if mode == "whole":
             out = module(x)
         elif mode == "shared":
-            out = vae_layers.shared_norm_forward(module, x, tile=tile, overlap=default_overlap(tile),
+            out = shared_norm.shared_norm_forward(module, x, tile=tile, overlap=default_overlap(tile),
                                                  unit=1 if part == "decode" else 8, monitor=monitor)
         else:
             out = (tiled_decode if part == "decode" else tiled_encode)(
@@ -114,11 +114,11 @@ def run_once(part: str, mode: str, pixels: int, tile: int, args, out_path: str) 
         monitor(0)   # closes the last interval: nothing is parked after the pass
     host = (peak_rss(reset) if monitor is None else monitor.host) - runtime
     result = {"seconds": seconds, "host_peak": host,
-              "parked": vae_layers.last_pass.parked_peak if mode == "shared" else 0}
+              "parked": shared_norm.last_pass.parked_peak if mode == "shared" else 0}
     if mode == "shared":
-        program = vae_layers.program_of(module, x, 1 if part == "decode" else 8)
-        grid = vae_layers._grid(x, tile, default_overlap(tile), 1 if part == "decode" else 8)
-        result["parked_estimate"] = vae_layers.parked_bytes(program, x, tile, default_overlap(tile),
+        program = shared_norm.program_of(module, x, 1 if part == "decode" else 8)
+        grid = shared_norm._grid(x, tile, default_overlap(tile), 1 if part == "decode" else 8)
+        result["parked_estimate"] = shared_norm.parked_bytes(program, x, tile, default_overlap(tile),
                                                             1 if part == "decode" else 8)
         # what the scheme before this one parked: every tile's whole window, overlaps twice
         result["parked_windows"] = int(program.parked_per_px * grid.th * grid.tw * len(grid.rows) * len(grid.cols)
@@ -162,12 +162,12 @@ def parked_table() -> None:
             module = (build_decoder if part == "decode" else build_encoder)(1.0, dtype=torch.float32)
             unit = 1 if part == "decode" else 8
             probe = torch.zeros(1, 4 if part == "decode" else 3, 16 * unit, 16 * unit)
-            program = vae_layers.program_of(module, probe, unit)
+            program = shared_norm.program_of(module, probe, unit)
             for pixels in (2048, 4096):
                 side = pixels // 8
                 x = torch.empty(1, probe.shape[1], side * unit, side * unit, dtype=dtype, device="meta")
-                grid = vae_layers._grid(x, 128, default_overlap(128), unit)
-                cores = vae_layers.parked_bytes(program, x, 128, default_overlap(128), unit)
+                grid = shared_norm._grid(x, 128, default_overlap(128), unit)
+                cores = shared_norm.parked_bytes(program, x, 128, default_overlap(128), unit)
                 windows = program.parked_per_px * grid.th * grid.tw * len(grid.rows) * len(grid.cols) * x.element_size()
                 print(f"  {part:<7}{pixels:>5}² {str(dtype)[6:]:>9} {cores / GIB:10.2f}G {windows / GIB:15.2f}G")
 

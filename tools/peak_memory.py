@@ -45,7 +45,7 @@ def current_rss() -> int:
 def free_memory(device: str) -> int:
     """Bytes a benchmark may use on ``device`` now (8 GiB where the host's free memory cannot be read)."""
     import torch
-    from lib_hires.vae_tiles import available_ram_bytes
+    from lib_hires.vae import available_ram_bytes
 
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info()[0]
@@ -57,7 +57,7 @@ def resolve_vae_args(args, cpu_width: float) -> tuple[bool, int, int]:
     ``cpu_width`` on a CPU, and the tile the extension would pick here. Returns (CUDA?, bytes per value, the
     decoder's conv_in channels)."""
     import torch
-    from lib_hires.vae_tiles import choose_tile
+    from lib_hires.vae import choose_tile
     from tools.vae_factory import build_decoder
 
     cuda = args.device.startswith("cuda")
@@ -81,7 +81,7 @@ class DevicePeakOnHost:
     """The compute side's peak where device and host are one memory (a CPU run): the process's resident memory
     less what the pass has parked, i.e. what a GPU would have to hold, measured between parking events.
 
-    ``lib_hires.vae_layers.shared_norm_forward(..., monitor=this)`` calls it with the bytes parked right before
+    ``lib_hires.vae.shared_norm_forward(..., monitor=this)`` calls it with the bytes parked right before
     and right after every change to them. At each call the RSS high-water mark of the interval since the last
     call is read and reset (``/proc/self/clear_refs``): an interval holds either only compute (parked bytes
     constant) or one allocation or one free of parked memory, so its peak less the larger of its two parked

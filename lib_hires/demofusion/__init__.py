@@ -14,7 +14,7 @@ from .plan import (MAX_STAGE_STEP, Stage, StagePlan, check_stage_factors, format
 from .schedule import LaterStart, later_stage_start, partial_sigmas, partial_steps, steps_run
 from .settings import DemoFusionSettings, default_settings
 from .stage import euler, sample_stage, sample_stages, skip_residual, stage_noise, upsample_latent
-from ..vae_tiles import tiled_decode  # re-exported: the engine API of issue 4
+from ..vae import tiled_decode  # re-exported: the engine API of issue 4
 from .views import (DilatedView, LocalView, coverage, dilated_size, dilated_views, grid_size, jitter_range,
                     local_views, view_starts)
 from .weights import StepWeights, blur_weight, cosine_factor, fusion_weight, skip_weight, step_weights

@@ -2,7 +2,7 @@
 
 While a ScaleFusion job runs, the VAE's ``decoder`` and ``encoder`` carry an instance patch of their
 ``forward`` (:class:`VaeTiling`) that runs an input larger than one tile in tiles, layer by layer with
-whole-image GroupNorm statistics (``lib_hires.vae_layers``; per tile where the setting says so or the
+whole-image GroupNorm statistics (``lib_hires.vae``; per tile where the setting says so or the
 VAE's structure is not recognised). The patch sits inside the WebUI's own decode and encode, so its NaN
 fallback (retry with the VAE in 32-bit floats), low-VRAM moves, scale factors and the encoder's one
 sample from the assembled moments stay the WebUI's. It is on for ``p.init`` (img2img's init images are
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from lib_hires.settings import TITLE
-from lib_hires.vae_layers import HostMemoryShort, UnsupportedVAE, shared_norm_forward
-from lib_hires.vae_tiles import (GROUPNORM_CHOICES, available_ram_bytes, choose_tile, default_overlap, shrink_latent,
+from lib_hires.vae import HostMemoryShort, UnsupportedVAE, shared_norm_forward
+from lib_hires.vae import (GROUPNORM_CHOICES, available_ram_bytes, choose_tile, default_overlap, shrink_latent,
                                  tiled_apply)
 
 from .instance_patch import InstancePatch

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from lib_hires.settings import FIELDS, TITLE, Field, ScaleFusionSettings, SettingsError
-from lib_hires.vae_tiles import GROUPNORM_CHOICES
+from lib_hires.vae import GROUPNORM_CHOICES
 
 from . import decoding
 

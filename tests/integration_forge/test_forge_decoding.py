@@ -66,8 +66,8 @@ def test_forges_decode_of_a_big_latent_goes_through_tiles_with_whole_image_group
 
 
 def test_forges_encode_of_a_big_image_goes_through_tiles(forge_vae):
-    from lib_hires.vae_layers import shared_norm_forward
-    from lib_hires.vae_tiles import default_overlap
+    from lib_hires.vae import shared_norm_forward
+    from lib_hires.vae import default_overlap
 
     pixels = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(6))  # Forge: B, H, W, C in [0, 1]
     forge_objects = SimpleNamespace(vae=forge_vae)

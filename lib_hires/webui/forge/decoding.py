@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lib_hires.vae_tiles import choose_tile, shrink_latent
+from lib_hires.vae import choose_tile, shrink_latent
 from lib_hires.webui.decoding import TILE_OPTION, TiledForward, groupnorm_mode
 from lib_hires.webui.instance_patch import InstancePatch
 

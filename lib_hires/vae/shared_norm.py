@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vae_tiles import _Canvas, tile_layout
+from .layout import Canvas, tile_layout
 
 PROBE = 16  # layout px (latent px) of the probe that derives and checks a program
 
@@ -445,7 +445,7 @@ def shared_norm_forward(module: nn.Module, x: torch.Tensor, *, tile: int, overla
     inward beyond the few px of one step's convolutions, which the halo absorbs: outside attention the tiles
     compute what the whole pass computes, and the host holds one image's worth of each waiting activation, not
     the overlaps twice. Attention attends within its tile, so tiles disagree after it everywhere: its outputs
-    are blended across the overlaps with the linear ramps of :func:`lib_hires.vae_tiles.tiled_decode` (at its
+    are blended across the overlaps with the linear ramps of :mod:`lib_hires.vae.layout` (at its
     resolution, the latent's: a small image), so that one tile's attention fades into the next instead of
     meeting it at a core's edge. The output is then the tiles' cores put together."""
     grid = _grid(x, tile, overlap, unit)
@@ -519,7 +519,7 @@ def shared_norm_forward(module: nn.Module, x: torch.Tensor, *, tile: int, overla
                     if not blend:
                         for t in tensors:
                             parking.count(t[..., :1, :1].numel() * 4 * grid.height * grid.width * s * s)
-                            blend.append(_Canvas(grid.rows, grid.cols, th, tw, grid.height, grid.width, park))
+                            blend.append(Canvas(grid.rows, grid.cols, th, tw, grid.height, grid.width, park))
                     for canvas, t in zip(blend, tensors):
                         canvas.add(*u, t)
                     continue
