@@ -39,6 +39,7 @@ from .instance_patch import InstancePatch
 from .messages import log
 from .model_info import ModelInfo
 from .sdxl_conditioning import SizeConditioning
+from .stage_conditioning import LaterStageConds
 
 def engine_settings(settings: ScaleFusionSettings, info: ModelInfo) -> DemoFusionSettings:
     window = info.window
@@ -299,6 +300,8 @@ class DemoFusionRun(StagedRun):
                 self.size_cond = None
         log(self.plan.describe(engine.view_batch))
 
+        # Made with stage 1's, where the WebUI makes its own (with a lowvram model the text encoder is at hand)
+        later = LaterStageConds(p, (conditioning, unconditional_conditioning), self.later_start().steps or p.steps)
         self.stage = self.plan.stages[0]
         shared.state.textinfo = self._progress_text(self.stage)
         if self.is_img2img:
@@ -312,6 +315,7 @@ class DemoFusionRun(StagedRun):
         params = control_params(p)
         hints = StageHints(params) if params else None
         jitter = torch.Generator().manual_seed(JITTER_SEED)
+        later.install()
         try:
             for stage in self.plan.stages[1:]:
                 if self._stopped():
@@ -321,10 +325,11 @@ class DemoFusionRun(StagedRun):
                 shared.state.nextjob()
                 self.stage = stage
                 shared.state.textinfo = self._progress_text(stage)
-                z = self._sample_stage(stage, z, conditioning, unconditional_conditioning, engine, jitter, hints)
+                z = self._sample_stage(stage, z, later.c, later.uc, engine, jitter, hints)
                 if not self._stopped():
                     z = restandardize(z, *anchor)
         finally:
+            later.remove()
             if hints is not None:
                 hints.restore()
         return z
