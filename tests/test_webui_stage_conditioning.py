@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lib_hires.settings import DF, ScaleFusionSettings
-from lib_hires.webui import demofusion_sampler, model_info
+from lib_hires.webui import model_info
 from lib_hires.webui.demofusion_sampler import DemoFusionRun
 from lib_hires.webui.stage_conditioning import LaterStageConds
 from tests.conftest import tiny_unet
@@ -190,4 +190,3 @@ def test_every_later_stage_samples_with_the_conds_of_its_steps(webui, monkeypatc
         assert [text_at(c[0], step) for step in (14, 15)] == ["base: a castle at dusk", "base: a ruins at dusk"]
         assert uc[0][-1][0] == 18 and got == (c, uc)  # p.get_conds() gives them too (the refiner's rebuild reads it)
     assert "get_conds" not in vars(p) and p.get_conds()[0] is p.c
-    assert demofusion_sampler.LaterStageConds is LaterStageConds
