@@ -99,3 +99,35 @@ def test_a_refiner_loaded_inside_an_unarmed_pass_gets_small_in_step_previews(web
     assert base.decoded[:1] == [(8, 8)]
     assert refiner.decoded[:1] == [(8, 8)]  # the first pass's second step, on the refiner: shrunk
     assert_unpatched(base, refiner)
+
+
+def test_demofusions_refiner_in_the_final_stage_gets_small_in_step_previews(webui, k_diffusion, monkeypatch):
+    """DemoFusion's final stage as its run drives it: a fresh sampler, ``process_before_every_sampling`` (nothing
+    armed: re-dilation off), then the refiner loads inside a denoiser step; --medvram with Full previews."""
+    from types import SimpleNamespace
+
+    from lib_hires.settings import DF
+    from tests.webui_fakes import FakeSampler
+
+    monkeypatch.setattr(decoding, "shrink_latent", lambda z: shrink_latent(z, max_side=8))
+    monkeypatch.setattr(job.Job, "_check_request", lambda self, p: None)  # the run's checks need the real WebUI
+
+    class FinalStage:
+        def __init__(self, p, active, original_sample):
+            self.p, self.stage = p, SimpleNamespace(index=2)
+
+        def __call__(self, *args, **kwargs):
+            p = self.p
+            p.sampler = FakeSampler(p.webui, p.k_diffusion)
+            p.process_before_every_sampling(p.noise)
+            return p.sampler.sample(p, p.noise, p.steps)
+
+    monkeypatch.setattr(job, "DemoFusionRun", FinalStage)
+    webui.shared.parallel_processing_allowed = False
+    base = webui.sd_model
+    refiner = perturbed(base, "refiner")
+    webui.refiner = (1, refiner, False)
+    p = FakeTxt2Img(webui, k_diffusion, width=128, height=128, steps=3)
+    run_job(p, ScaleFusionSettings(enabled=True, method=DF, native_size=128))
+    assert base.decoded == [(8, 8)] and refiner.decoded == [(8, 8), (8, 8)]
+    assert_unpatched(base, refiner)
