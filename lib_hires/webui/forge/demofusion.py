@@ -33,6 +33,7 @@ from lib_hires.webui.demofusion_sampler import (JITTER_SEED, StagedRun, _refiner
 from lib_hires.webui.instance_patch import InstancePatch
 from lib_hires.webui.messages import RequestError, log
 
+from . import decoding
 from .demofusion_views import ControlViews, ViewFunction, ViewsUnsupported
 from .sdxl_size import FinalSizeModifier, ForgeSizeConditioning
 
@@ -325,8 +326,12 @@ class ForgeDemoFusionRun(StagedRun):
         from modules import devices, images, processing, shared
 
         p = self.p
-        for i, image in enumerate(processing.decode_latent_batch(p.sd_model, z, target_device=devices.cpu,
-                                                                 check_for_nans=True)):
+        tiling = decoding.TiledVae(p.sd_model)  # a big stage in tiles, as the final decode (post_sample)
+        try:
+            decoded = processing.decode_latent_batch(p.sd_model, z, target_device=devices.cpu, check_for_nans=True)
+        finally:
+            tiling.remove()
+        for i, image in enumerate(decoded):
             array = (torch.clamp((image.float() + 1) / 2, 0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
             position = p.iteration * p.batch_size + i
             info = processing.create_infotext(p, p.all_prompts, p.all_seeds, p.all_subseeds, iteration=p.iteration,
