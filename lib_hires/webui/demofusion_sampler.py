@@ -264,24 +264,9 @@ class StagedRun:
         state.job_count *= len(self.plan.stages)
         state.processing_has_refined_job_count = True
 
-
-class DemoFusionRun(StagedRun):
-    """Takes the place of ``p.sample`` for one job (installed in ``before_process``, so ControlNet wraps it)."""
-
-    def __init__(self, p, job, original_sample):
-        self.p, self.job, self.original_sample = p, job, original_sample
-        self.plan: StagePlan | None = None
-        self.stage: Stage | None = None          # the stage being sampled; Job.start_pass reads it
-        self.size_cond: SizeConditioning | None = None
-        self.refiner_hold: RefinerHold | None = None  # the refiner waits for the final stage
-
-    def __call__(self, *args, **kwargs):
-        self.refiner_hold = RefinerHold(self.p) if refiner_of(self.p) is not None else None
-        try:
-            return self._stages(*args, **kwargs)
-        finally:
-            if self.refiner_hold is not None:
-                self.refiner_hold.remove()
+    # The stage loop, the same in both WebUIs; each run says where it hooks: ----------------------------------
+    # _size_conditioning (SDXL's final size), _end_first_stage, _begin_later_stages / _end_later_stages,
+    # _save_stage and _sample_stage (one later stage through the WebUI's sampler).
 
     def _stages(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         from modules import shared
@@ -291,12 +276,7 @@ class DemoFusionRun(StagedRun):
         self.plan = stage_plan(settings, info, p.width, p.height)
         p.extra_generation_params["DemoFusion final size"] = f"{self.plan.final.width}x{self.plan.final.height}"
         self._refine_job_count()
-        if getattr(p.sd_model, "is_sdxl", False):
-            self.size_cond = SizeConditioning(p.sd_model, self.plan.final.width, self.plan.final.height)
-            if not self.size_cond.available:
-                log("warning: this SDXL model's vector conditioning has no size embeddings at its end; "
-                             "views keep the WebUI's size conditioning")
-                self.size_cond = None
+        self.size_cond = self._size_conditioning() if getattr(p.sd_model, "is_sdxl", False) else None
         log(self.plan.describe(engine.view_batch))
 
         self.stage = self.plan.stages[0]
@@ -307,27 +287,83 @@ class DemoFusionRun(StagedRun):
             z = self.original_sample(conditioning=conditioning, unconditional_conditioning=unconditional_conditioning,
                                      seeds=seeds, subseeds=subseeds, subseed_strength=subseed_strength,
                                      prompts=prompts)
-        self.job.end_pass()
+        self._end_first_stage()
         anchor = row_stats(z)
-        params = control_params(p)
-        hints = StageHints(params) if params else None
+        self._begin_later_stages()
         jitter = torch.Generator().manual_seed(JITTER_SEED)
         try:
             for stage in self.plan.stages[1:]:
                 if self._stopped():
                     break
                 if settings.save_stages and not p.do_not_save_samples and not (self.is_img2img and self.stage.index == 1):
-                    decoding.save_stage(p, z, self.stage.index)
+                    self._save_stage(z, self.stage.index)
                 shared.state.nextjob()
                 self.stage = stage
                 shared.state.textinfo = self._progress_text(stage)
-                z = self._sample_stage(stage, z, conditioning, unconditional_conditioning, engine, jitter, hints)
+                z = self._sample_stage(stage, z, conditioning, unconditional_conditioning, engine, jitter)
                 if not self._stopped():
                     z = restandardize(z, *anchor)
         finally:
-            if hints is not None:
-                hints.restore()
+            self._end_later_stages()
         return z
+
+    def _size_conditioning(self):
+        """SDXL: what puts the final size in the size conditioning of the stages' calls; None where it cannot."""
+        raise NotImplementedError
+
+    def _end_first_stage(self) -> None:
+        self.job.end_pass()
+
+    def _begin_later_stages(self) -> None:
+        pass
+
+    def _end_later_stages(self) -> None:
+        pass
+
+    def _save_stage(self, z, index: int) -> None:
+        raise NotImplementedError
+
+    def _sample_stage(self, stage: Stage, z, c, uc, engine: DemoFusionSettings, jitter: torch.Generator):
+        raise NotImplementedError
+
+
+class DemoFusionRun(StagedRun):
+    """Takes the place of ``p.sample`` for one job (installed in ``before_process``, so ControlNet wraps it)."""
+
+    def __init__(self, p, job, original_sample):
+        self.p, self.job, self.original_sample = p, job, original_sample
+        self.plan: StagePlan | None = None
+        self.stage: Stage | None = None          # the stage being sampled; Job.start_pass reads it
+        self.size_cond: SizeConditioning | None = None
+        self.refiner_hold: RefinerHold | None = None  # the refiner waits for the final stage
+        self.hints: StageHints | None = None     # the ControlNet hints of the later stages
+
+    def __call__(self, *args, **kwargs):
+        self.refiner_hold = RefinerHold(self.p) if refiner_of(self.p) is not None else None
+        try:
+            return self._stages(*args, **kwargs)
+        finally:
+            if self.refiner_hold is not None:
+                self.refiner_hold.remove()
+
+    def _size_conditioning(self) -> SizeConditioning | None:
+        size_cond = SizeConditioning(self.p.sd_model, self.plan.final.width, self.plan.final.height)
+        if size_cond.available:
+            return size_cond
+        log("warning: this SDXL model's vector conditioning has no size embeddings at its end; "
+            "views keep the WebUI's size conditioning")
+        return None
+
+    def _begin_later_stages(self) -> None:
+        params = control_params(self.p)
+        self.hints = StageHints(params) if params else None
+
+    def _end_later_stages(self) -> None:
+        if self.hints is not None:
+            self.hints.restore()
+
+    def _save_stage(self, z, index: int) -> None:
+        decoding.save_stage(self.p, z, index)
 
     def _refiner_size_cond(self) -> SizeConditioning | None:
         """The final size in the vector rows of the refiner, when its conditioner has the size embeddings."""
@@ -337,10 +373,10 @@ class DemoFusionRun(StagedRun):
         size_cond = SizeConditioning(shared.sd_model, self.plan.final.width, self.plan.final.height)
         return size_cond if size_cond.available else None
 
-    def _sample_stage(self, stage, z, c, uc, engine, jitter, hints):
+    def _sample_stage(self, stage, z, c, uc, engine, jitter):
         from modules import rng, sd_samplers
 
-        p = self.p
+        p, hints = self.p, self.hints
         z_up = upsample_latent(z, stage.latent_size)
         p.rng = rng.ImageRNG(z_up.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
                              seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)

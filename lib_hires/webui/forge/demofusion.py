@@ -25,11 +25,10 @@ import functools
 import torch
 
 from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, dilated_size, local_views,
-                                  plan_calls, restandardize, row_stats, skip_residual, skip_weight, upsample_latent)
+                                  plan_calls, skip_residual, skip_weight, upsample_latent)
 from lib_hires.demofusion.step_starts import StepStarts, tracked_call
 from lib_hires.settings import TITLE, ScaleFusionSettings
-from lib_hires.webui.demofusion_sampler import (JITTER_SEED, StagedRun, _refiner_switches, engine_settings,
-                                                img2img_noise, sampler_reason, stage_plan)
+from lib_hires.webui.demofusion_sampler import StagedRun, _refiner_switches, img2img_noise, sampler_reason, stage_plan
 from lib_hires.webui.instance_patch import InstancePatch
 from lib_hires.webui.messages import RequestError, log
 
@@ -279,45 +278,16 @@ class ForgeDemoFusionRun(StagedRun):
             self._remove_hooks()
             self.stage = None
 
-    def _stages(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
-        from modules import shared
+    def _size_conditioning(self) -> ForgeSizeConditioning | None:
+        size_cond = ForgeSizeConditioning(self.p.sd_model, self.plan.final.width, self.plan.final.height)
+        if size_cond.available:
+            return size_cond
+        log("warning: this SDXL model has no size embedder; views keep Forge's size conditioning")
+        return None
 
-        p, settings, info = self.p, self.job.settings, self.job.info
-        engine = engine_settings(settings, info)
-        self.plan = stage_plan(settings, info, p.width, p.height)
-        p.extra_generation_params["DemoFusion final size"] = f"{self.plan.final.width}x{self.plan.final.height}"
-        self._refine_job_count()
-        if getattr(p.sd_model, "is_sdxl", False):
-            self.size_cond = ForgeSizeConditioning(p.sd_model, self.plan.final.width, self.plan.final.height)
-            if not self.size_cond.available:
-                log("warning: this SDXL model has no size embedder; views keep Forge's size conditioning")
-                self.size_cond = None
-        log(self.plan.describe(engine.view_batch))
-
-        self.stage = self.plan.stages[0]
-        shared.state.textinfo = self._progress_text(self.stage)
-        if self.is_img2img:
-            z = p.init_latent
-        else:
-            z = self.original_sample(conditioning=conditioning, unconditional_conditioning=unconditional_conditioning,
-                                     seeds=seeds, subseeds=subseeds, subseed_strength=subseed_strength,
-                                     prompts=prompts)
+    def _end_first_stage(self) -> None:
         self._remove_hooks()
         self.job.end_pass()
-        anchor = row_stats(z)
-        jitter = torch.Generator().manual_seed(JITTER_SEED)
-        for stage in self.plan.stages[1:]:
-            if self._stopped():
-                break
-            if settings.save_stages and not p.do_not_save_samples and not (self.is_img2img and self.stage.index == 1):
-                self._save_stage(z, self.stage.index)
-            shared.state.nextjob()
-            self.stage = stage
-            shared.state.textinfo = self._progress_text(stage)
-            z = self._sample_stage(stage, z, conditioning, unconditional_conditioning, engine, jitter)
-            if not self._stopped():
-                z = restandardize(z, *anchor)
-        return z
 
     def _save_stage(self, z, index: int) -> None:
         """An intermediate stage's images beside the final ones ("-stage1", ...), decoded by Forge."""
