@@ -115,32 +115,22 @@ def sampler_reason(p) -> str | None:
     return None
 
 
-class StageSampling:
-    """The instance patches of one later stage on ``p.sampler``; ``remove()`` undoes them."""
+class SkipResidualSteps:
+    """The skip residual written into ``x`` at every step start of one sampler run, in both WebUIs: the sampler's
+    function is probed for its step starts with the very arguments it is called with, and its CFG denoiser's
+    ``forward`` applies the residual there (instance patches; ``remove()`` undoes them)."""
 
-    def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator | None,
-                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt,
-                 sampler_name: str | None = None, refiner: RefinerSwitch | None = None,
-                 size_cond_for=None):
-        self.sampler = p.sampler
-        self.cfg = p.sampler.model_wrap_cfg
-        self.inner = self.cfg.inner_model
-        self.z_up, self.noise = z_up, noise
-        self.cosine_scale_1 = settings.cosine_scale_1
+    def __init__(self, sampler, z_up, noise, cosine_scale_1: float, sigma_to_t=None, sampler_name: str | None = None):
+        self.sampler, self.cfg = sampler, sampler.model_wrap_cfg
+        self.z_up, self.noise, self.cosine_scale_1 = z_up, noise, cosine_scale_1
+        if sigma_to_t is not None:
+            self.sigma_to_t = sigma_to_t
         self.steps: StepStarts | None = None  # the step starts of the sampler run in progress
-        self.call = None     # the model call view_cond serves (before_call sees it first)
-        self.size_cond, self.hints, self.check_interrupt = size_cond, hints, check_interrupt
-        self.refiner, self.size_cond_for = refiner, size_cond_for
-        self.fuse = lambda inner: FusedDenoiser.from_settings(inner.forward, settings, dilation=stage.dilation,
-                                                              sigma_to_t=inner.sigma_to_t, jitter=jitter,
-                                                              view_cond=self._view_cond, before_call=self._before_call)
-        self.fused = self.fuse(self.inner)
-        self._cfg_forward, self._func = self.cfg.forward, self.sampler.func
+        self._cfg_forward, self._func = self.cfg.forward, sampler.func
         self.sampler_name = sampler_name or getattr(self._func, "__name__", "the sampler")
         self.patches = [InstancePatch(self.cfg, "forward", self._forward),
-                        InstancePatch(self.sampler, "func", functools.wraps(self._func)(
-                            lambda *args, **kwargs: self._run(*args, **kwargs))),
-                        InstancePatch(self.inner, "forward", self.fused)]
+                        InstancePatch(sampler, "func", functools.wraps(self._func)(
+                            lambda *args, **kwargs: self._run(*args, **kwargs)))]
 
     def _run(self, *args, **kwargs):
         """The sampler function itself: probed for its step starts with these very arguments, then run. It keeps
@@ -152,14 +142,44 @@ class StageSampling:
         finally:
             self.steps = None
 
+    def _forward(self, x, sigma, *args, **kwargs):
+        if self.steps is not None and self.steps.is_start(x):
+            c1 = skip_weight(self.sigma_to_t(sigma), self.cosine_scale_1)
+            x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
+            self.steps.applied(x)
+        return self._cfg_forward(x, sigma, *args, **kwargs)
+
+    def remove(self) -> None:
+        for patch in reversed(self.patches):
+            patch.remove()
+
+
+class StageSampling(SkipResidualSteps):
+    """The instance patches of one later stage on ``p.sampler``: the skip residual, the views on the inner
+    model, the refiner's switch in the final stage; ``remove()`` undoes them."""
+
+    def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator | None,
+                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt,
+                 sampler_name: str | None = None, refiner: RefinerSwitch | None = None,
+                 size_cond_for=None):
+        self.inner = p.sampler.model_wrap_cfg.inner_model
+        self.call = None     # the model call view_cond serves (before_call sees it first)
+        self.size_cond, self.hints, self.check_interrupt = size_cond, hints, check_interrupt
+        self.refiner, self.size_cond_for = refiner, size_cond_for
+        self.fuse = lambda inner: FusedDenoiser.from_settings(inner.forward, settings, dilation=stage.dilation,
+                                                              sigma_to_t=inner.sigma_to_t, jitter=jitter,
+                                                              view_cond=self._view_cond, before_call=self._before_call)
+        self.fused = self.fuse(self.inner)
+        super().__init__(p.sampler, z_up, noise, settings.cosine_scale_1, sampler_name=sampler_name)
+        self.patches.append(InstancePatch(self.inner, "forward", self.fused))
+
+    def sigma_to_t(self, sigma):
+        return self.inner.sigma_to_t(sigma)  # the refiner's, once the switch has happened
+
     def _forward(self, x, sigma, **kwargs):
         if self.refiner is not None and self.refiner(sigma):
             self._follow_the_refiner(kwargs)
-        if self.steps is not None and self.steps.is_start(x):
-            c1 = skip_weight(self.inner.sigma_to_t(sigma), self.cosine_scale_1)
-            x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
-            self.steps.applied(x)
-        return self._cfg_forward(x, sigma, **kwargs)
+        return super()._forward(x, sigma, **kwargs)
 
     def _follow_the_refiner(self, kwargs: dict) -> None:
         """The WebUI just switched to the refiner: this call and the rest run its inner model through the views,
@@ -183,10 +203,6 @@ class StageSampling:
         if self.size_cond is not None and "cond" in args:
             args["cond"] = self.size_cond.edit_cond(args["cond"], crops)
         return args
-
-    def remove(self) -> None:
-        for patch in reversed(self.patches):
-            patch.remove()
 
 
 def img2img_noise(p, noise):

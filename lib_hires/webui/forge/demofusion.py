@@ -25,10 +25,10 @@ import functools
 import torch
 
 from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, dilated_size, local_views,
-                                  plan_calls, skip_residual, skip_weight, upsample_latent)
-from lib_hires.demofusion.step_starts import StepStarts, tracked_call
+                                  plan_calls, upsample_latent)
 from lib_hires.settings import TITLE, ScaleFusionSettings
-from lib_hires.webui.demofusion_sampler import StagedRun, _refiner_switches, img2img_noise, sampler_reason, stage_plan
+from lib_hires.webui.demofusion_sampler import (SkipResidualSteps, StagedRun, _refiner_switches, img2img_noise,
+                                                sampler_reason, stage_plan)
 from lib_hires.webui.instance_patch import InstancePatch
 from lib_hires.webui.messages import RequestError, log
 
@@ -203,41 +203,6 @@ class StageViews:
             objects.unet = self.unet
 
 
-class StageSampling:
-    """The skip residual at every step start of the stage's sampler (instance patches; ``remove()``)."""
-
-    def __init__(self, sampler, z_up, noise, cosine_scale_1: float, sigma_to_t, sampler_name: str):
-        self.sampler, self.cfg = sampler, sampler.model_wrap_cfg
-        self.z_up, self.noise, self.cosine_scale_1, self.sigma_to_t = z_up, noise, cosine_scale_1, sigma_to_t
-        self.sampler_name = sampler_name
-        self.steps: StepStarts | None = None
-        self._cfg_forward, self._func = self.cfg.forward, sampler.func
-        self.patches = [InstancePatch(self.cfg, "forward", self._forward),
-                        InstancePatch(sampler, "func", functools.wraps(self._func)(
-                            lambda *args, **kwargs: self._run(*args, **kwargs)))]
-
-    def _run(self, *args, **kwargs):
-        """The sampler function itself, probed for its step starts with these very arguments, then run; it keeps
-        the function's signature (``functools.wraps``): Forge picks the arguments it passes from it."""
-        self.steps, args, kwargs = tracked_call(
-            self._func, lambda pattern, x: StepStarts(pattern, x, self.sampler_name), *args, **kwargs)
-        try:
-            return self._func(*args, **kwargs)
-        finally:
-            self.steps = None
-
-    def _forward(self, x, sigma, *args, **kwargs):
-        if self.steps is not None and self.steps.is_start(x):
-            c1 = skip_weight(self.sigma_to_t(sigma), self.cosine_scale_1)
-            x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
-            self.steps.applied(x)
-        return self._cfg_forward(x, sigma, *args, **kwargs)
-
-    def remove(self) -> None:
-        for patch in reversed(self.patches):
-            patch.remove()
-
-
 class ForgeDemoFusionRun(StagedRun):
     """Takes the place of ``p.sample`` for one Forge job; the job calls :meth:`start_pass` from
     ``process_before_every_sampling``."""
@@ -332,8 +297,8 @@ class ForgeDemoFusionRun(StagedRun):
         try:
             views = StageViews(p, stage, engine, jitter, self.size_cond, self._check_interrupt)
             self.fused.append(views.fused)
-            sampling = StageSampling(p.sampler, z_up, noise, engine.cosine_scale_1,
-                                     p.sd_model.forge_objects.unet.model.predictor.timestep, p.sampler_name)
+            sampling = SkipResidualSteps(p.sampler, z_up, noise, engine.cosine_scale_1,
+                                         p.sd_model.forge_objects.unet.model.predictor.timestep, p.sampler_name)
             # Forge's own partial start, as its hires pass and img2img: at stage strength 1 and the same steps,
             # the official full schedule from z' + sigma_max * noise.
             p.denoising_strength = start.strength
