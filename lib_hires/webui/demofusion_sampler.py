@@ -342,6 +342,20 @@ class StagedRun:
     def _sample_stage(self, stage: Stage, z, c, uc, engine: DemoFusionSettings, jitter: torch.Generator):
         raise NotImplementedError
 
+    def _stage_start(self, stage: Stage, z):
+        """A later stage's inputs, made alike in both WebUIs: ``z`` upsampled, its noise (the job's seeds at the
+        stage's size, scaled as img2img scales it), a fresh sampler on ``p``, the image conditioning."""
+        from modules import rng, sd_samplers
+
+        p = self.p
+        z_up = upsample_latent(z, stage.latent_size)
+        p.rng = rng.ImageRNG(z_up.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
+                             seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
+        noise = img2img_noise(p, p.rng.next()) if self.is_img2img else p.rng.next()
+        p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
+        image_conditioning = p.txt2img_image_conditioning(z_up, stage.width, stage.height)
+        return z_up, noise, image_conditioning
+
 
 class DemoFusionRun(StagedRun):
     """Takes the place of ``p.sample`` for one job (installed in ``before_process``, so ControlNet wraps it)."""
@@ -390,15 +404,8 @@ class DemoFusionRun(StagedRun):
         return size_cond if size_cond.available else None
 
     def _sample_stage(self, stage, z, c, uc, engine, jitter):
-        from modules import rng, sd_samplers
-
         p, hints = self.p, self.hints
-        z_up = upsample_latent(z, stage.latent_size)
-        p.rng = rng.ImageRNG(z_up.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
-                             seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
-        noise = img2img_noise(p, p.rng.next()) if self.is_img2img else p.rng.next()
-        p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
-        image_conditioning = p.txt2img_image_conditioning(z_up, stage.width, stage.height)
+        z_up, noise, image_conditioning = self._stage_start(stage, z)
         if hints is not None:
             hints.set_stage(stage.latent_size)
         if p.scripts is not None:

@@ -25,10 +25,10 @@ import functools
 import torch
 
 from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, dilated_size, local_views,
-                                  plan_calls, upsample_latent)
+                                  plan_calls)
 from lib_hires.settings import TITLE, ScaleFusionSettings
-from lib_hires.webui.demofusion_sampler import (SkipResidualSteps, StagedRun, _refiner_switches, img2img_noise,
-                                                sampler_reason, stage_plan)
+from lib_hires.webui.demofusion_sampler import (SkipResidualSteps, StagedRun, _refiner_switches, sampler_reason,
+                                                stage_plan)
 from lib_hires.webui.instance_patch import InstancePatch
 from lib_hires.webui.messages import RequestError, log
 
@@ -276,15 +276,10 @@ class ForgeDemoFusionRun(StagedRun):
                               p=p, suffix=f"-stage{index}")
 
     def _sample_stage(self, stage: Stage, z, c, uc, engine: DemoFusionSettings, jitter):
-        from modules import rng, sd_models, sd_samplers
+        from modules import sd_models
 
         p = self.p
-        z_up = upsample_latent(z, stage.latent_size)
-        p.rng = rng.ImageRNG(z_up.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
-                             seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
-        noise = img2img_noise(p, p.rng.next()) if self.is_img2img else p.rng.next()
-        p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
-        image_conditioning = p.txt2img_image_conditioning(z_up, stage.width, stage.height)
+        z_up, noise, image_conditioning = self._stage_start(stage, z)
         # As Forge's own passes: every pass patches fresh clones of the LoRA'd objects.
         p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
         sd_models.apply_token_merging(p.sd_model, p.get_token_merging_ratio())
