@@ -163,7 +163,7 @@ class StageRecorder:
     def __init__(self):
         self.stages = []
 
-    def __call__(self, run, stage, z, c, uc, engine, jitter, hints):
+    def __call__(self, run, stage, z, c, uc, engine, jitter):
         self.stages.append((stage.index, c, uc, run.p.get_conds()))
         return torch.nn.functional.interpolate(z, size=stage.latent_size, mode="nearest")
 
