@@ -140,13 +140,25 @@ def test_diffusers_names_of_sd1_layers():
 
 def test_a_file_it_did_not_write_is_never_overwritten(tmp_path):
     models = tmp_path / "models"
-    theirs = tmp_path / "someone-elses-lora.safetensors"
-    theirs.write_bytes(b"not ours")
     (models / "Lora").mkdir(parents=True)
-    (models / "Lora" / "tiny.safetensors").symlink_to(theirs)
+    (models / "Lora" / "tiny.safetensors").write_bytes(b"someone else's")
     with pytest.raises(fx.FixtureConflict, match="Lora/tiny.safetensors"):
         fx.ensure_fixtures(models)
-    assert theirs.read_bytes() == b"not ours" and not (models / "Stable-diffusion").exists()
+    assert (models / "Lora" / "tiny.safetensors").read_bytes() == b"someone else's"
+    assert not (models / "Stable-diffusion").exists()
+
+
+def test_a_link_in_the_way_is_replaced_and_its_target_kept(tmp_path, synthetic_bpe, monkeypatch):
+    monkeypatch.setattr(fx, "clip_bpe_file", lambda: synthetic_bpe)
+    for maker in ("sd1_state", "sdxl_state", "sd1_lora_state", "sdxl_lora_state", "controlnet_sd1_state"):
+        monkeypatch.setattr(fx, maker, lambda: {"w": torch.zeros(1)})
+    models, theirs = tmp_path / "models", tmp_path / "shared-tiny.safetensors"
+    theirs.write_bytes(b"shared")
+    (models / "Lora").mkdir(parents=True)
+    (models / "Lora" / "tiny.safetensors").symlink_to(theirs)
+    fx.ensure_fixtures(models)
+    assert not (models / "Lora" / "tiny.safetensors").is_symlink() and theirs.read_bytes() == b"shared"
+    assert "Lora/tiny.safetensors" in _files(models)
 
 
 def test_a_changed_generator_replaces_only_its_own_files(tmp_path, synthetic_bpe, monkeypatch):

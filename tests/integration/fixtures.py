@@ -21,7 +21,8 @@ noise: the tests compare equal / different, sizes, infotext and errors, never lo
 The manifest records which files this generator wrote and a digest of everything that shapes them (the seed, this
 file and the factories it draws with, torch's version, the models folder the yamls point into): a second run with
 the same digest reuses them, a changed generator replaces exactly the files it wrote. A file of the same name that
-it did not write is never overwritten (it may be a link into another checkout's fixtures): :class:`FixtureConflict`.
+it did not write is never overwritten (:class:`FixtureConflict`); a link of that name (to another copy of such
+fixtures) is replaced by the file, the link's target left untouched.
 
     python -m tests.integration.fixtures /path/to/webui-or-data-dir/models
 """
@@ -489,10 +490,13 @@ def ensure_fixtures(models: Path, *, webui_root: Path | None = None) -> Fixtures
     has_vae_approx = any((root / "VAE-approx" / VAE_APPROX_SDXL).exists()
                          for root in (models, *([Path(webui_root) / "models"] if webui_root else [])))
     writers = _writers(fixtures, vae_approx=not has_vae_approx)
-    foreign = [name for name in writers if (models / name).exists() or (models / name).is_symlink()]
+    foreign = [name for name in writers if (models / name).exists() and not (models / name).is_symlink()]
     if foreign:
         raise FixtureConflict(f"{models} already has {', '.join(foreign)}, not written by {__name__}: remove them "
                               "(or test with a WEBUI_DATA_DIR of its own) so the seeded fixtures can be made there")
+    for name in writers:  # a link (to another copy of such fixtures) goes; what it points to is left as it is
+        if (models / name).is_symlink():
+            (models / name).unlink()
     # Listed before any file is written, so a run killed half-way leaves files the next run knows are its own.
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps({"generator": None, "seed": SEED, "files": sorted(writers)}, indent=1))
