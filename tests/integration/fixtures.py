@@ -108,9 +108,18 @@ def sdxl_sigmas() -> torch.Tensor:
     return ((1.0 - cumprod) / cumprod).sqrt().float()
 
 
+def _with_final_norm_bias(state: dict, key: str, width: int, seed: int) -> dict:
+    """A random bias for a text tower's final LayerNorm (a trained CLIP has one). With transformers' zero init every
+    hidden state has mean 0, and the WebUI's prompt emphasis rescales by the ratio of means: 0/0, NaN, for an empty
+    prompt."""
+    state[key] = 0.1 * torch.randn(width, generator=torch.Generator().manual_seed(seed))
+    return state
+
+
 def _clip(prefix: str, tower: TextTower, seed: int) -> dict:
-    return ldm_checkpoint.clip_text_state(prefix, seed=seed, width=tower.width, layers=tower.layers, mlp=tower.mlp,
-                                          vocab=tower.vocab, positions=tower.positions, position_ids=True)
+    state = ldm_checkpoint.clip_text_state(prefix, seed=seed, width=tower.width, layers=tower.layers, mlp=tower.mlp,
+                                           vocab=tower.vocab, positions=tower.positions, position_ids=True)
+    return _with_final_norm_bias(state, prefix + "final_layer_norm.bias", tower.width, seed + 1000)
 
 
 def sd1_state(seed: int = SEED) -> dict[str, torch.Tensor]:
@@ -124,10 +133,11 @@ def sdxl_state(seed: int = SEED + 10) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         state = {**ldm_checkpoint.unet_state(SDXL_UNET, seed), **ldm_checkpoint.vae_state(seed, VAE_WIDTH),
                  **_clip("conditioner.embedders.0.transformer.text_model.", SDXL_CLIP_L, seed + 3),
-                 **ldm_checkpoint.open_clip_text_state(
+                 **_with_final_norm_bias(ldm_checkpoint.open_clip_text_state(
                      "conditioner.embedders.1.model.", seed=seed + 4, width=SDXL_OPEN_CLIP.width,
                      layers=SDXL_OPEN_CLIP.layers, mlp=SDXL_OPEN_CLIP.mlp, embed_dim=SDXL_POOLED,
                      vocab=SDXL_OPEN_CLIP.vocab, positions=SDXL_OPEN_CLIP.positions),
+                     "conditioner.embedders.1.model.ln_final.bias", SDXL_OPEN_CLIP.width, seed + 1004),
                  "denoiser.sigmas": sdxl_sigmas()}
     return ldm_checkpoint.to_dtype(state, torch.float32)
 
