@@ -131,6 +131,11 @@ def test_in_step_taesd_previews_of_medvram_are_decoded_small(webui, txt2img, mon
 def test_lora_functional_gives_the_merged_image(webui, txt2img, fresh_plain):
     import sys
 
+    from modules import shared
+
+    # The WebUI restores only the overridden options already in opts.data (processing.process_images'
+    # stored_opts): a default-valued lora_functional stays True after the request and leaks into later tests.
+    saved_options = dict(shared.opts.data)
     lora = dict(prompt="a cat <lora:tiny:1>", width=256, height=256, steps=3,
                 alwayson_scripts=scalefusion(**SC_2X, dispersion=True))
     try:
@@ -150,6 +155,8 @@ def test_lora_functional_gives_the_merged_image(webui, txt2img, fresh_plain):
         # (the functional request takes its conds from the cache, so the text encoder's merged weights are never
         # restored there) and the next plain image a level off; reload and forget the cached conds.
         reload_exact_weights()
+        shared.opts.data.clear()
+        shared.opts.data.update(saved_options)
     assert_clean(webui, txt2img, fresh_plain)
 
 
