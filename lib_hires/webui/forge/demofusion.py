@@ -97,14 +97,11 @@ def refiner_reason(p) -> str | None:
 
 
 def redilation_reason(settings: ScaleFusionSettings, job) -> str | None:
-    """Stage 1 is Forge's own pass: the job re-dilates it as any ScaleCrafter pass. The global path would need
-    the re-dilation on the dilated samples' UNet calls only, while the local views of the same calls stay vanilla;
-    Forge's ScaleCrafter pass re-dilates every call of the UNet it is armed on."""
-    if settings.redilation in ("global path", "both"):
-        return (f"{TITLE}: ScaleCrafter on DemoFusion's global path (re-dilation {settings.redilation}) is not "
-                "available in Forge yet; set re-dilation to off or first stage")
-    if settings.redilation == "first stage" and not callable(getattr(job, "arm_scalecrafter", None)):
-        return f"{TITLE}: ScaleCrafter inside DemoFusion (re-dilation first stage) is not available here; set it to off"
+    """Re-dilation inside DemoFusion is the job's own ScaleCrafter pass (``arm_scalecrafter``): stage 1's for the
+    whole latent, each later stage's for its dilated samples' size only (``ForgeDemoFusionRun.start_pass``)."""
+    if settings.redilation != "off" and not callable(getattr(job, "arm_scalecrafter", None)):
+        return (f"{TITLE}: ScaleCrafter inside DemoFusion (re-dilation {settings.redilation}) is not available "
+                "here; set it to off")
     return None
 
 
@@ -216,12 +213,20 @@ class ForgeDemoFusionRun(StagedRun):
         self.fused: list[FusedDenoiser] = []     # each later stage's, for its counters
 
     def start_pass(self, p, x) -> None:
-        """Stage 1 (Forge's own sampling): on SDXL, the final size in ``y``; re-dilation where it is asked for
-        (the job's own ScaleCrafter pass). Later stages install their views themselves once every script has run
-        (``StageViews``), so this does nothing for them."""
-        if self.stage is None or self.stage.index != 1:
+        """``process_before_every_sampling`` of a stage. Stage 1 (Forge's own sampling): on SDXL, the final size
+        in ``y``; its re-dilation (first stage / both) is the job's own ScaleCrafter pass. A later stage (global
+        path / both): the job's pass planned for the dilated samples' size, without noise damping, as in A1111;
+        the controller re-dilates only UNet calls of that size, so the local views (one window each) run
+        vanilla. The views themselves go on once every script has run (``StageViews``)."""
+        stage, redilation = self.stage, self.job.settings.redilation
+        if stage is None:
             return
-        if self.job.settings.redilation == "first stage":
+        if stage.index != 1:
+            if redilation in ("global path", "both"):
+                self.job.arm_scalecrafter(p, stage.sample_size, f"DemoFusion stage {stage.index} global preset",
+                                          noise_damping=False)
+            return
+        if redilation in ("first stage", "both"):
             self.job.arm_scalecrafter(p, tuple(x.shape[-2:]), "DemoFusion stage 1 preset")
         if self.size_cond is None:
             return

@@ -132,9 +132,11 @@ class ForgeJob:
                 return
         self.arm_scalecrafter(p, tuple(x.shape[-2:]), key)
 
-    def arm_scalecrafter(self, p, latent_hw, infotext_key: str) -> ForgeScaleCrafterPass | None:
+    def arm_scalecrafter(self, p, latent_hw, infotext_key: str, *,
+                         noise_damping: bool = True) -> ForgeScaleCrafterPass | None:
         """Re-dilation for latents of ``latent_hw`` on a clone of the UnetPatcher that samples next, which
-        becomes ``forge_objects.unet``; None where the plan does nothing (said in the infotext either way)."""
+        becomes ``forge_objects.unet``; None where the plan does nothing (said in the infotext either way). UNet
+        calls of another size run vanilla (the controller keys on each call's latent size)."""
         try:
             plan = plan_for_latent(self.info, self.settings, latent_hw)
         except SettingsError as error:
@@ -148,7 +150,7 @@ class ForgeJob:
         if plan.is_noop:
             return None
         patcher = forge_model.unet_patcher(p.sd_model).clone()
-        active = ForgeScaleCrafterPass(plan, self.info, patcher)
+        active = ForgeScaleCrafterPass(plan, self.info, patcher, noise_damping=noise_damping)
         self._add(active)
         p.sd_model.forge_objects.unet = patcher
         return active
