@@ -42,8 +42,10 @@ class UnetCalls:
 
     def __init__(self):
         self.calls, self.handle = [], None
+        self.options = {}   # stage index: the model_options keys of the UnetPatcher the scripts get
 
     def __call__(self, p):
+        self.options[p.job.run.stage.index] = set(p.sd_model.forge_objects.unet.model_options)
         if self.handle is not None:
             return
         unet = p.sd_model.forge_objects.unet.model.diffusion_model
@@ -129,11 +131,9 @@ def test_the_global_path_is_redilated_and_the_views_are_not(stages):
     assert not plan.is_noop and plan.base is not None  # noise damping asked for: the global path has none (A1111)
     assert p.extra_generation_params["DemoFusion stage 2 global preset"] == short_source(plan.preset.source)
     assert "DemoFusion stage 1 preset" not in p.extra_generation_params
-    staged = p.sampled_with  # stage 1 only: the later stages sample through Forge's CFG denoiser
-    assert "sampler_post_cfg_function" not in staged[0].model_options
+    assert calls.options[2] == {"sampler_pre_cfg_function"}  # the pass's step check, no noise-damped post-CFG
+    assert calls.options[1] == set()                         # stage 1: nothing armed
     assert unet_is_clean(tiny_unet("sd1")) and not webui_job._live_hooks
-    assert model.forge_objects.unet.model_options == {} or "model_function_wrapper" not in \
-        model.forge_objects.unet.model_options
 
 
 def test_the_forge_stage_equals_a1111s_engine_layering(stages):
@@ -154,15 +154,19 @@ def test_both_redilates_stage_1_whole_and_later_stages_on_their_samples(stages):
     calls = UnetCalls()
     p = FakeForgeDemoFusionTxt2Img(model, width=SIZE, height=SIZE, scripts=[calls])
     try:
-        out = run(p, settings(redilation="both"))
+        out = run(p, settings(redilation="both", noise_damped_cfg="on"))
     finally:
         calls.remove()
-    # stage 1: the whole 32x32 latent, re-dilated while the preset's t >= 401 (Forge's stage-1 steps: t 600, 200)
-    assert calls.stage(1) == [((32, 32), 2.0), ((32, 32), 1.0)]
+    # stage 1: the whole 32x32 latent, re-dilated while the preset's t >= 401 (Forge's stage-1 steps: t 600, 200),
+    # with the vanilla noise-damped base call of the uncond rows at t 600
+    assert calls.stage(1) == [((32, 32), 2.0), ((32, 32), 1.0), ((32, 32), 1.0)]
     assert sorted(set(calls.stage(2))) == [((16, 16), 1.0), ((32, 32), 2.0)]
+    assert calls.options[1] == {"sampler_pre_cfg_function", "sampler_post_cfg_function"}  # stage 1: noise damping
+    assert calls.options[2] == {"sampler_pre_cfg_function"}
     params = p.extra_generation_params
     assert "DemoFusion stage 1 preset" in params and "DemoFusion stage 2 global preset" in params
     assert params["DemoFusion re-dilation"] == "both"
-    only_global = run(FakeForgeDemoFusionTxt2Img(model, width=SIZE, height=SIZE), settings(redilation="global path"))
+    only_global = run(FakeForgeDemoFusionTxt2Img(model, width=SIZE, height=SIZE),
+                      settings(redilation="global path", noise_damped_cfg="on"))
     assert (only_global - out).abs().max() > 1e-2
     assert unet_is_clean(tiny_unet("sd1")) and not webui_job._live_hooks
