@@ -349,6 +349,7 @@ class FakeForgeTxt2Img:
         self.hr_upscale_to_x, self.hr_upscale_to_y = width * hr_scale, height * hr_scale
         self.extra_generation_params: dict = {}
         self.refiner_checkpoint_info, self.refiner_switch_at = None, None
+        self.refiner_model, self.refined_with = None, []   # the model the refiner switch loads; its UnetPatcher
         self.scripts = list(scripts)   # other extensions' process_before_every_sampling(p), run after ours
         self.fail_at_step = fail_at_step
         self.hr_upscaler, self.init_image = hr_upscaler, init_image  # "latent" or "image"; B, H, W, 3 in [0, 1]
@@ -379,7 +380,23 @@ class FakeForgeTxt2Img:
         state.do_set_current_image()
         assert state.current_latent is x  # the sampler's latent is its own again after the preview
 
+    def _apply_refiner(self, step: int) -> bool:
+        """``sd_samplers_common.apply_refiner`` at the start of a denoiser call: from ``refiner_switch_at`` of the
+        pass's steps on, ``refiner_model`` (a fresh load, its own ``forge_objects``) becomes ``p.sd_model``, once."""
+        info, switch_at = self.refiner_checkpoint_info, self.refiner_switch_at
+        if switch_at is not None and step / self.steps < switch_at:
+            return False
+        if info is None or self.sd_model.sd_checkpoint_info is info:
+            return False
+        self.extra_generation_params["Refiner"] = info.short_title
+        self.extra_generation_params["Refiner switch at"] = switch_at
+        self.sd_model = self.refiner_model
+        self.refined_with.append(self.sd_model.forge_objects.unet)
+        return True
+
     def _sample(self, x):
+        from lib_hires.webui import job
+
         patcher = self.sd_model.forge_objects.unet
         self.sampled_with.append(patcher)
         sigmas = patcher.model.predictor.sigmas[[980, 600, 200, 20][-self.steps - 1:]]
@@ -388,6 +405,11 @@ class FakeForgeTxt2Img:
             if self.fail_at_step == i:
                 raise RuntimeError("the sampler failed")
             s = sigma.view(1)
+            # CFGDenoiser.forward: the refiner switch, the on_cfg_denoiser callbacks (the Script registers
+            # job.on_cfg_denoiser), then sampling_function on forge_objects.unet as it is now
+            self._apply_refiner(i)
+            job.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=self), x=x, sigma=s))
+            patcher = self.sd_model.forge_objects.unet
             denoised, _, _ = sampling_function_inner(patcher.model, x, s, conds(self.uncond), conds(self.cond),
                                                      self.cfg_scale, patcher.model_options)
             x = denoised + (x - denoised) * (following / sigma)  # Euler
