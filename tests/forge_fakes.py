@@ -380,11 +380,11 @@ class FakeForgeTxt2Img:
         state.do_set_current_image()
         assert state.current_latent is x  # the sampler's latent is its own again after the preview
 
-    def _apply_refiner(self, step: int) -> bool:
+    def _apply_refiner(self, step: int, total_steps: int | None = None) -> bool:
         """``sd_samplers_common.apply_refiner`` at the start of a denoiser call: from ``refiner_switch_at`` of the
         pass's steps on, ``refiner_model`` (a fresh load, its own ``forge_objects``) becomes ``p.sd_model``, once."""
         info, switch_at = self.refiner_checkpoint_info, self.refiner_switch_at
-        if switch_at is not None and step / self.steps < switch_at:
+        if switch_at is not None and step / (total_steps or self.steps) < switch_at:
             return False
         if info is None or self.sd_model.sd_checkpoint_info is info:
             return False
@@ -465,11 +465,18 @@ class FakeForgeCFGDenoiser:
     """``sd_samplers_cfg_denoiser.CFGDenoiser.forward`` as Forge runs it: ``sampling_function`` on
     ``p.sd_model.forge_objects.unet`` as it is at each evaluation (``calls`` counts them)."""
 
-    def __init__(self, p):
-        self.p, self.calls = p, 0
+    def __init__(self, p, sampler):
+        self.p, self.sampler, self.calls = p, sampler, 0
+        self.step, self.total_steps = 0, None
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        from lib_hires.webui import job
+
         self.calls += 1
+        if apply_refiner(self, x):
+            cond, uncond = self.sampler.sampler_extra_args["cond"], self.sampler.sampler_extra_args["uncond"]
+        job.on_cfg_denoiser(SimpleNamespace(denoiser=self, x=x, sigma=sigma))
+        self.step += 1
         patcher = self.p.sd_model.forge_objects.unet
         denoised, _, _ = sampling_function_inner(patcher.model, x, sigma, conds(uncond), conds(cond), cond_scale,
                                                  patcher.model_options)
@@ -486,7 +493,8 @@ class FakeForgeKDiffusionSampler:
 
     def __init__(self, func, p):
         self.func, self.p = func, p
-        self.model_wrap_cfg = FakeForgeCFGDenoiser(p)
+        self.model_wrap_cfg = FakeForgeCFGDenoiser(p, self)
+        self.sampler_extra_args = None
 
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
                        image_conditioning=None):
@@ -494,10 +502,24 @@ class FakeForgeKDiffusionSampler:
         sigmas = p.schedule(steps)
         t_enc = int(min(p.denoising_strength, 0.999) * steps)
         sigmas = sigmas[steps - t_enc - 1:]
-        extra_args = {"cond": conditioning, "image_cond": image_conditioning, "uncond": unconditional_conditioning,
-                      "cond_scale": p.cfg_scale, "s_min_uncond": 0.0}
-        return self.func(self.model_wrap_cfg, x + noise * sigmas[0], sigmas, extra_args=extra_args, disable=True,
-                         callback=None)
+        self.model_wrap_cfg.total_steps = len(sigmas) - 1
+        self.sampler_extra_args = {"cond": conditioning, "image_cond": image_conditioning,
+                                   "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale, "s_min_uncond": 0.0}
+        return self.func(self.model_wrap_cfg, x + noise * sigmas[0], sigmas, extra_args=self.sampler_extra_args,
+                         disable=True, callback=None)
+
+
+def apply_refiner(cfg_denoiser, x) -> bool:
+    """``sd_samplers_common.apply_refiner(cfg_denoiser, x)``: the switch (``FakeForgeTxt2Img._apply_refiner``), then
+    ``p.setup_conds()`` and ``update_inner_model()``: the conds rebuilt with the refiner (``p.refiner_conds``) in the
+    sampler's extra args."""
+    p = cfg_denoiser.p
+    if not p._apply_refiner(cfg_denoiser.step, cfg_denoiser.total_steps):
+        return False
+    p.refiner_switches.append((cfg_denoiser.step, tuple(x.shape)))
+    cfg_denoiser.sampler.sampler_extra_args["cond"], cfg_denoiser.sampler.sampler_extra_args["uncond"] = \
+        p.refiner_conds
+    return True
 
 
 class FakeImageRNG:
@@ -531,6 +553,7 @@ class FakeForgeStages:
         made["modules.sd_samplers"].find_sampler_config = lambda name: name
         made["modules.sd_samplers_timesteps"].samplers_data_timesteps = []
         made["modules.sd_samplers_common"].InterruptedException = type("InterruptedException", (BaseException,), {})
+        made["modules.sd_samplers_common"].apply_refiner = apply_refiner
         made["modules.sd_models"].apply_token_merging = lambda model, ratio: None
         sys.modules.update(made)
         shared = sys.modules["modules.shared"]
@@ -579,6 +602,9 @@ class FakeForgeDemoFusionTxt2Img(FakeForgeTxt2Img):
         self.denoising_strength, self.n_iter, self.batch_size, self.iteration = 0.75, 1, 1, 0
         self.do_not_save_samples, self.image_mask, self.modified_noise = True, None, None
         self.all_prompts, self.all_seeds, self.all_subseeds = [""], [3], [3]
+        gen = torch.Generator().manual_seed(11)
+        self.refiner_conds = (torch.randn(1, 7, 32, generator=gen), torch.randn(1, 7, 32, generator=gen))
+        self.refiner_switches = []   # (denoiser step, latent shape) of each switch
 
     def process_before_every_sampling(self, x):
         self.scripts.process_before_every_sampling(self, x)

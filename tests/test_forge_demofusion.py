@@ -417,7 +417,7 @@ def test_redilation_inside_demofusion_needs_the_jobs_pass_and_nothing_else(monke
     from lib_hires.settings import ScaleFusionSettings
 
     for name in ("unsupported_reason", "timestep_sampler_reason", "sampler_reason", "refiner_reason"):
-        monkeypatch.setattr(demofusion, name, lambda p: None)
+        monkeypatch.setattr(demofusion, name, lambda p, *settings: None)
     settings = ScaleFusionSettings(enabled=True, method="DemoFusion")
     job = SimpleNamespace(arm_scalecrafter=lambda p, latent_hw, key, noise_damping=True: None)
     for redilation in ("first stage", "global path", "both"):
