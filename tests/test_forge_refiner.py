@@ -110,3 +110,28 @@ def test_without_a_switch_nothing_follows():
     run_forge_job(p, settings())
     assert not p.refined_with and "ScaleCrafter refiner preset" not in p.extra_generation_params
     assert "ScaleCrafter preset" in p.extra_generation_params and not webui_job._live_hooks
+
+
+def test_the_next_batch_after_a_switch_arms_on_the_reloaded_base_again():
+    """Forge reloads the base model at each batch of ``process_images`` (``forge_model_reload``): the job describes
+    it anew (another object than the refiner it followed last) and re-dilates the base's steps again."""
+    from lib_hires.webui.forge.job import ForgeJob
+
+    base_model = FakeForgeModel(tiny_unet("sd1"))
+    refiner_like = tiny_unet("sd1", seed=2)
+    p = FakeForgeTxt2Img(base_model, width=256, height=256, steps=3)
+    with_refiner(p, refiner_like, name="refiner-like", family="sdxl")  # the refiner runs vanilla
+    active = webui_job.begin(p, [settings().to_dict()], lambda: ScaleFusionSettings(), ForgeJob)
+    p.job = active
+    calls = Calls(p, base=tiny_unet("sd1"), refiner=refiner_like)
+    try:
+        p.sample()
+        first = list(calls.calls)
+        p.sd_model = base_model  # the next batch: Forge loads the base again
+        p.sample()
+        second = calls.calls[len(first):]
+    finally:
+        calls.remove()
+        active.finish()
+    assert first == second == [("base", 2.0, False), ("refiner", 1.0, True), ("refiner", 1.0, True)]
+    assert unet_is_clean(tiny_unet("sd1")) and unet_is_clean(refiner_like) and not webui_job._live_hooks

@@ -15,6 +15,10 @@ after every script has patched its clone of the UNet:
   denoiser's ``forward``, which writes the residual into the state at those evaluations (Forge's CFG runs in
   ``sampling_function`` inside it, so prompt editing, previews and the step counter stay Forge's).
 
+Re-dilation inside DemoFusion is the job's own ScaleCrafter pass: stage 1's for its whole latent, a later stage's
+for its dilated samples' size only (the local views run vanilla), as in A1111. The refiner waits for the final
+stage and takes over there at Switch at (:class:`FinalStageRefiner`), as in A1111.
+
 After each stage every image is re-standardised to its stage-1 latent's mean and std. SDXL: the final size in
 ``y`` for every stage (stage 1 through a conditioning modifier), each view's crop.
 """

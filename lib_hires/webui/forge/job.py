@@ -7,7 +7,8 @@ and a pass is armed in ``process_before_every_sampling``. Forge calls that hook 
 ``forge_objects`` for the pass, and twice for the hires pass (before and after a second reset): every call first
 removes what the previous one armed, so the last one, on the objects that sample, is what counts. Everything a pass
 installs comes off when ``p.sample`` returns or raises (an interrupt returns), and again, idempotently, in
-``postprocess``.
+``postprocess``. Forge's refiner switch loads the refiner inside a denoiser call; the ``on_cfg_denoiser`` callback
+that follows it moves the armed pass to the refiner's UnetPatcher (:meth:`ForgeJob.follow_sampler`).
 
 DemoFusion in Forge is ``lib_hires.webui.forge.demofusion.ForgeDemoFusionRun(p, job, original_sample)``: called in place
 of ``p.sample`` (it refuses what it cannot run there, before sampling) and told of every pass by
