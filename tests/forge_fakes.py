@@ -180,10 +180,15 @@ class FakeKModel:
 class FakeUnetPatcher:
     """``UnetPatcher``: ``clone()`` shares the model and deep-copies ``model_options``, as Forge's does."""
 
+    controlnet_linked_list = None   # no built-in ControlNet unit
+
     def __init__(self, model, model_options=None):
         self.model = model
         self.model_options = model_options if model_options is not None else {}
         self.clones = 0
+
+    def memory_required(self, input_shape):
+        return input_shape[0] * input_shape[2] * input_shape[3]
 
     def clone(self):
         self.clones += 1
@@ -344,6 +349,7 @@ class FakeForgeTxt2Img:
         self.hr_upscale_to_x, self.hr_upscale_to_y = width * hr_scale, height * hr_scale
         self.extra_generation_params: dict = {}
         self.refiner_checkpoint_info, self.refiner_switch_at = None, None
+        self.refiner_model, self.refined_with = None, []   # the model the refiner switch loads; its UnetPatcher
         self.scripts = list(scripts)   # other extensions' process_before_every_sampling(p), run after ours
         self.fail_at_step = fail_at_step
         self.hr_upscaler, self.init_image = hr_upscaler, init_image  # "latent" or "image"; B, H, W, 3 in [0, 1]
@@ -374,7 +380,23 @@ class FakeForgeTxt2Img:
         state.do_set_current_image()
         assert state.current_latent is x  # the sampler's latent is its own again after the preview
 
+    def _apply_refiner(self, step: int, total_steps: int | None = None) -> bool:
+        """``sd_samplers_common.apply_refiner`` at the start of a denoiser call: from ``refiner_switch_at`` of the
+        pass's steps on, ``refiner_model`` (a fresh load, its own ``forge_objects``) becomes ``p.sd_model``, once."""
+        info, switch_at = self.refiner_checkpoint_info, self.refiner_switch_at
+        if switch_at is not None and step / (total_steps or self.steps) < switch_at:
+            return False
+        if info is None or self.sd_model.sd_checkpoint_info is info:
+            return False
+        self.extra_generation_params["Refiner"] = info.short_title
+        self.extra_generation_params["Refiner switch at"] = switch_at
+        self.sd_model = self.refiner_model
+        self.refined_with.append(self.sd_model.forge_objects.unet)
+        return True
+
     def _sample(self, x):
+        from lib_hires.webui import job
+
         patcher = self.sd_model.forge_objects.unet
         self.sampled_with.append(patcher)
         sigmas = patcher.model.predictor.sigmas[[980, 600, 200, 20][-self.steps - 1:]]
@@ -383,6 +405,11 @@ class FakeForgeTxt2Img:
             if self.fail_at_step == i:
                 raise RuntimeError("the sampler failed")
             s = sigma.view(1)
+            # CFGDenoiser.forward: the refiner switch, the on_cfg_denoiser callbacks (the Script registers
+            # job.on_cfg_denoiser), then sampling_function on forge_objects.unet as it is now
+            self._apply_refiner(i)
+            job.on_cfg_denoiser(SimpleNamespace(denoiser=SimpleNamespace(p=self), x=x, sigma=s))
+            patcher = self.sd_model.forge_objects.unet
             denoised, _, _ = sampling_function_inner(patcher.model, x, s, conds(self.uncond), conds(self.cond),
                                                      self.cfg_scale, patcher.model_options)
             x = denoised + (x - denoised) * (following / sigma)  # Euler
@@ -430,3 +457,166 @@ def run_forge_job(p: FakeForgeTxt2Img, settings):
     finally:
         if active is not None:
             active.finish()
+
+
+# DemoFusion's later stages: Forge's k-diffusion sampler, CFG denoiser and the modules a stage reaches -----------
+
+class FakeForgeCFGDenoiser:
+    """``sd_samplers_cfg_denoiser.CFGDenoiser.forward`` as Forge runs it: ``sampling_function`` on
+    ``p.sd_model.forge_objects.unet`` as it is at each evaluation (``calls`` counts them)."""
+
+    def __init__(self, p, sampler):
+        self.p, self.sampler, self.calls = p, sampler, 0
+        self.step, self.total_steps = 0, None
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        from lib_hires.webui import job
+
+        self.calls += 1
+        if apply_refiner(self, x):
+            cond, uncond = self.sampler.sampler_extra_args["cond"], self.sampler.sampler_extra_args["uncond"]
+        job.on_cfg_denoiser(SimpleNamespace(denoiser=self, x=x, sigma=sigma))
+        self.step += 1
+        patcher = self.p.sd_model.forge_objects.unet
+        denoised, _, _ = sampling_function_inner(patcher.model, x, sigma, conds(uncond), conds(cond), cond_scale,
+                                                 patcher.model_options)
+        return denoised
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+class FakeForgeKDiffusionSampler:
+    """``KDiffusionSampler``: ``sample_img2img`` starts at ``x + sigma noise`` of the img2img schedule
+    (``t_enc = int(min(strength, 0.999) * steps)``) and calls ``self.func(model_wrap_cfg, x, sigmas, extra_args=...,
+    callback=...)``; the sigmas are the fake txt2img's (``FakeForgeTxt2Img.schedule``)."""
+
+    def __init__(self, func, p):
+        self.func, self.p = func, p
+        self.model_wrap_cfg = FakeForgeCFGDenoiser(p, self)
+        self.sampler_extra_args = None
+
+    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
+                       image_conditioning=None):
+        steps = steps or p.steps
+        sigmas = p.schedule(steps)
+        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        sigmas = sigmas[steps - t_enc - 1:]
+        self.model_wrap_cfg.total_steps = len(sigmas) - 1
+        self.sampler_extra_args = {"cond": conditioning, "image_cond": image_conditioning,
+                                   "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale, "s_min_uncond": 0.0}
+        return self.func(self.model_wrap_cfg, x + noise * sigmas[0], sigmas, extra_args=self.sampler_extra_args,
+                         disable=True, callback=None)
+
+
+def apply_refiner(cfg_denoiser, x) -> bool:
+    """``sd_samplers_common.apply_refiner(cfg_denoiser, x)``: the switch (``FakeForgeTxt2Img._apply_refiner``), then
+    ``p.setup_conds()`` and ``update_inner_model()``: the conds rebuilt with the refiner (``p.refiner_conds``) in the
+    sampler's extra args."""
+    p = cfg_denoiser.p
+    if not p._apply_refiner(cfg_denoiser.step, cfg_denoiser.total_steps):
+        return False
+    p.refiner_switches.append((cfg_denoiser.step, tuple(x.shape)))
+    cfg_denoiser.sampler.sampler_extra_args["cond"], cfg_denoiser.sampler.sampler_extra_args["uncond"] = \
+        p.refiner_conds
+    return True
+
+
+class FakeImageRNG:
+    """``modules.rng.ImageRNG``: one seeded draw of ``shape`` per image."""
+
+    def __init__(self, shape, seeds, subseeds=None, subseed_strength=0.0, seed_resize_from_h=0, seed_resize_from_w=0):
+        self.shape, self.seeds = tuple(shape), seeds
+
+    def next(self):
+        return torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(1000 + s))
+                            for s in self.seeds])
+
+
+class FakeForgeStages:
+    """``modules.rng``, ``sd_samplers`` (every name is ``sampler_func``), ``sd_samplers_timesteps``,
+    ``sd_samplers_common`` and ``sd_models`` in ``sys.modules``, and the progress side of ``shared``, for DemoFusion's
+    later stages; inside a :class:`FakeBackend` block."""
+
+    NAMES = ("modules.rng", "modules.sd_samplers", "modules.sd_samplers_timesteps", "modules.sd_samplers_common",
+             "modules.sd_models")
+
+    def __init__(self, sampler_func):
+        self.sampler_func = sampler_func
+
+    def __enter__(self):
+        self.saved = {name: sys.modules.get(name) for name in self.NAMES}
+        made = {name: types.ModuleType(name) for name in self.NAMES}
+        made["modules.rng"].ImageRNG = FakeImageRNG
+        made["modules.sd_samplers"].create_sampler = lambda name, model: FakeForgeKDiffusionSampler(
+            self.sampler_func, model.p)
+        made["modules.sd_samplers"].find_sampler_config = lambda name: name
+        made["modules.sd_samplers_timesteps"].samplers_data_timesteps = []
+        made["modules.sd_samplers_common"].InterruptedException = type("InterruptedException", (BaseException,), {})
+        made["modules.sd_samplers_common"].apply_refiner = apply_refiner
+        made["modules.sd_models"].apply_token_merging = lambda model, ratio: None
+        sys.modules.update(made)
+        shared = sys.modules["modules.shared"]
+        state = shared.state
+        state.interrupted = state.skipped = state.processing_has_refined_job_count = False
+        state.job_count, state.textinfo = -1, None
+        state.nextjob = lambda: None
+        shared.total_tqdm = SimpleNamespace(updateTotal=lambda total: None)
+        shared.opts.img2img_fix_steps = False
+        return self
+
+    def __exit__(self, *exc):
+        for name, module in self.saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+class ScriptRunner:
+    """``p.scripts``: ``process_before_every_sampling`` as the script runner calls it (ScaleFusion's job first,
+    then the other extensions' callables)."""
+
+    def __init__(self, p, others=()):
+        self.p, self.others, self.alwayson_scripts = p, list(others), []
+
+    def process_before_every_sampling(self, p, x, **kwargs):
+        if p.job is not None:
+            p.job.start_pass(p, x)
+        for script in self.others:
+            script(p)
+
+
+class FakeForgeDemoFusionTxt2Img(FakeForgeTxt2Img):
+    """A txt2img ``p`` with what DemoFusion's Forge run reads besides the fake txt2img: seeds, the sampler, a script
+    runner, token merging, image conditioning, the img2img schedule of later stages."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        model.p = self  # create_sampler finds p through the model (Forge's sampler reads shared.sd_model)
+        others, self.scripts = self.scripts, None
+        self.scripts = ScriptRunner(self, others)
+        self.sampler_name, self.sampler = "Euler", None
+        self.seeds, self.subseeds, self.subseed_strength = [3], [3], 0.0
+        self.seed_resize_from_h = self.seed_resize_from_w = 0
+        self.denoising_strength, self.n_iter, self.batch_size, self.iteration = 0.75, 1, 1, 0
+        self.do_not_save_samples, self.image_mask, self.modified_noise = True, None, None
+        self.all_prompts, self.all_seeds, self.all_subseeds = [""], [3], [3]
+        gen = torch.Generator().manual_seed(11)
+        self.refiner_conds = (torch.randn(1, 7, 32, generator=gen), torch.randn(1, 7, 32, generator=gen))
+        self.refiner_switches = []   # (denoiser step, latent shape) of each switch
+
+    def process_before_every_sampling(self, x):
+        self.scripts.process_before_every_sampling(self, x)
+
+    def schedule(self, steps):
+        """Sigmas of the SD schedule at t 900 down to 500, then 0 (within the ScaleCrafter presets' t >= 401)."""
+        predictor = self.sd_model.forge_objects.unet.model.predictor
+        picks = torch.linspace(900, 500, steps).round().long()
+        return torch.cat([predictor.sigmas[picks], torch.zeros(1)])
+
+    def txt2img_image_conditioning(self, x, width=None, height=None):
+        return x.new_zeros(x.shape[0], 5, 1, 1)
+
+    def get_token_merging_ratio(self, for_hr=False):
+        return 0.0

@@ -410,16 +410,18 @@ def test_what_forge_cannot_run_is_refused_by_name():
     assert "SelfAttentionGuidance" in unsupported_reason(refusal_p(scripts=scripts, script_args=[False, 1, True, 1]))
 
 
-def test_redilation_of_the_global_path_is_refused_and_the_first_stage_needs_the_jobs_pass(monkeypatch):
+def test_redilation_inside_demofusion_needs_the_jobs_pass_and_nothing_else(monkeypatch):
+    """Every re-dilation (first stage, global path, both) is the Forge job's own ScaleCrafter pass
+    (tests/test_forge_demofusion_redilation.py runs them); a job without it refuses each by name."""
     from lib_hires.webui.forge import demofusion
     from lib_hires.settings import ScaleFusionSettings
 
     for name in ("unsupported_reason", "timestep_sampler_reason", "sampler_reason", "refiner_reason"):
-        monkeypatch.setattr(demofusion, name, lambda p: None)
-    settings = ScaleFusionSettings(enabled=True, method="DemoFusion", redilation="global path")
-    job = SimpleNamespace(arm_scalecrafter=lambda p, latent_hw, key: None)
-    assert "global path (re-dilation global path) is not available in Forge" in request_reason(refusal_p(), settings, job)
-    assert "re-dilation both" in request_reason(refusal_p(), settings.replace(redilation="both"), job)
-    assert request_reason(refusal_p(), settings.replace(redilation="first stage"), job) is None
-    assert "first stage" in request_reason(refusal_p(), settings.replace(redilation="first stage"), SimpleNamespace())
+        monkeypatch.setattr(demofusion, name, lambda p, *settings: None)
+    settings = ScaleFusionSettings(enabled=True, method="DemoFusion")
+    job = SimpleNamespace(arm_scalecrafter=lambda p, latent_hw, key, noise_damping=True: None)
+    for redilation in ("first stage", "global path", "both"):
+        assert request_reason(refusal_p(), settings.replace(redilation=redilation), job) is None
+        reason = request_reason(refusal_p(), settings.replace(redilation=redilation), SimpleNamespace())
+        assert f"re-dilation {redilation}) is not available here" in reason
     assert request_reason(refusal_p(), settings.replace(redilation="off"), SimpleNamespace()) is None

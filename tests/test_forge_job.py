@@ -187,11 +187,6 @@ def test_a_custom_cfg_function_is_refused_with_noise_damping_only(model):
 
 def test_what_cannot_run_is_refused_before_sampling(model):
     p = FakeForgeTxt2Img(model, width=256, height=256)
-    p.refiner_checkpoint_info, p.refiner_switch_at = object(), 0.8
-    with pytest.raises(RequestError, match="cannot run with the refiner in Forge"):
-        run_forge_job(p, settings())
-    assert not p.sampled_with
-    p = FakeForgeTxt2Img(model, width=256, height=256)
     p.width = 8200
     with pytest.raises(RequestError, match="width must be a multiple of 8 from 64 to 8192"):
         run_forge_job(p, settings())

@@ -39,8 +39,8 @@ def fixture_hash(seed: int = SEED) -> str:
     return ldm_checkpoint.generator_digest(_generator_sources(), seed=seed)
 
 
-def fixture_name(seed: int = SEED) -> str:
-    return f"{NAME_PREFIX}-{fixture_hash(seed)}.safetensors"
+def fixture_name(seed: int = SEED, prefix: str = NAME_PREFIX) -> str:
+    return f"{prefix}-{fixture_hash(seed)}.safetensors"
 
 
 def build_state_dict(seed: int = SEED) -> dict[str, torch.Tensor]:
@@ -52,13 +52,14 @@ def build_state_dict(seed: int = SEED) -> dict[str, torch.Tensor]:
     return ldm_checkpoint.to_dtype(state, torch.float16)
 
 
-def ensure_fixture(folder: Path, seed: int = SEED) -> Path:
-    """The fixture's path in ``folder``, written once per generator version; older versions are removed."""
+def ensure_fixture(folder: Path, seed: int = SEED, prefix: str = NAME_PREFIX) -> Path:
+    """The fixture's path in ``folder``, written once per generator version; older versions are removed.
+    Another ``seed`` with its own ``prefix`` is a second checkpoint of the same shape (the refiner tests')."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / fixture_name(seed)
+    path = folder / fixture_name(seed, prefix)
     if path.exists():
         return path
-    for stale in folder.glob(f"{NAME_PREFIX}-*.safetensors"):
+    for stale in folder.glob(f"{prefix}-*.safetensors"):
         stale.unlink()
     return ldm_checkpoint.save_safetensors(build_state_dict(seed), path, metadata={
         "generator": "scalefusion tests/integration_forge", "seed": str(seed)})

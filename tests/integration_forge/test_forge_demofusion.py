@@ -95,11 +95,24 @@ def test_other_samplers_run_through_their_step_starts(df_server, small_df, fresh
     (dict(stride=512), "stride must be an integer in [8, 256]"),
     (dict(view_batch=0), "view_batch must be an integer in [1, 64]"),
     (dict(stride=128), "stride must be at most the model's window of 64 latent px"),
-    (dict(redilation="global path"), "not available in Forge yet"),
 ])
 def test_bad_settings_answer_422(df_server, fresh_plain, settings, message):
     result = df_server.txt2img(**SMALL, alwayson_scripts=demofusion(**settings))
     assert result.status == 422 and message in result.detail, result
+    assert_nothing_left(df_server, fresh_plain)
+
+
+def test_global_path_redilation_runs_on_the_dilated_samples(df_server, fresh_plain):
+    """Issue 23 §2: at native size 128 the 256 px stage 1 gives stage 2 views of 16x16 latent px (vanilla) and four
+    dilated samples of 32x32 (re-dilated, the 256-px preset on a 128-px model), as in A1111."""
+    chosen = dict(scale=2, native_size=128, stride=16)
+    off = df_server.txt2img(**SMALL, alwayson_scripts=demofusion(**chosen))
+    redilated = df_server.txt2img(**SMALL, alwayson_scripts=demofusion(redilation="global path", **chosen))
+    assert off.status == 200 and redilated.status == 200, (off, redilated)
+    assert redilated.size == (512, 512) and not np.array_equal(redilated.image, off.image)
+    assert "DemoFusion stage 2 global preset: " in redilated.infotext and "DemoFusion stage 1 preset" not in \
+        redilated.infotext, redilated.infotext
+    assert "DemoFusion re-dilation: global path" in redilated.infotext
     assert_nothing_left(df_server, fresh_plain)
 
 

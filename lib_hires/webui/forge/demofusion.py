@@ -15,6 +15,10 @@ after every script has patched its clone of the UNet:
   denoiser's ``forward``, which writes the residual into the state at those evaluations (Forge's CFG runs in
   ``sampling_function`` inside it, so prompt editing, previews and the step counter stay Forge's).
 
+Re-dilation inside DemoFusion is the job's own ScaleCrafter pass: stage 1's for its whole latent, a later stage's
+for its dilated samples' size only (the local views run vanilla), as in A1111. The refiner waits for the final
+stage and takes over there at Switch at (:class:`FinalStageRefiner`), as in A1111.
+
 After each stage every image is re-standardised to its stage-1 latent's mean and std. SDXL: the final size in
 ``y`` for every stage (stage 1 through a conditioning modifier), each view's crop.
 """
@@ -27,8 +31,9 @@ import torch
 from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, dilated_size, local_views,
                                   plan_calls)
 from lib_hires.settings import TITLE, ScaleFusionSettings
-from lib_hires.webui.demofusion_sampler import (SkipResidualSteps, StagedRun, _refiner_switches, sampler_reason,
-                                                stage_plan)
+from lib_hires.webui.demofusion_refiner import RefinerHold, refiner_of
+from lib_hires.webui.demofusion_sampler import SkipResidualSteps, StagedRun, sampler_reason, stage_plan
+from lib_hires.webui.demofusion_sampler import refiner_reason as a1111_refiner_reason
 from lib_hires.webui.instance_patch import InstancePatch
 from lib_hires.webui.messages import RequestError, log
 
@@ -87,31 +92,25 @@ def timestep_sampler_reason(p) -> str | None:
     return None
 
 
-def refiner_reason(p) -> str | None:
-    """Forge's refiner switch (``apply_refiner``) reloads the model in the middle of a sampler run and rebuilds the
-    inner model from it: the stage's views, installed on the base model's UNet, would silently stop."""
-    if _refiner_switches(p):
-        return (f"{TITLE}: DemoFusion in Forge does not follow the refiner (the switch reloads the model in the "
-                "middle of a stage and the views stay on the base model's UNet); turn the refiner off")
-    return None
+def refiner_reason(p, settings: ScaleFusionSettings) -> str | None:
+    """The refiner takes over at Switch at of the final stage (:class:`FinalStageRefiner`), as in A1111, which
+    refuses the same combination: the global path's re-dilation is planned on the base UNet for the whole stage."""
+    return a1111_refiner_reason(p, settings)
 
 
 def redilation_reason(settings: ScaleFusionSettings, job) -> str | None:
-    """Stage 1 is Forge's own pass: the job re-dilates it as any ScaleCrafter pass. The global path would need
-    the re-dilation on the dilated samples' UNet calls only, while the local views of the same calls stay vanilla;
-    Forge's ScaleCrafter pass re-dilates every call of the UNet it is armed on."""
-    if settings.redilation in ("global path", "both"):
-        return (f"{TITLE}: ScaleCrafter on DemoFusion's global path (re-dilation {settings.redilation}) is not "
-                "available in Forge yet; set re-dilation to off or first stage")
-    if settings.redilation == "first stage" and not callable(getattr(job, "arm_scalecrafter", None)):
-        return f"{TITLE}: ScaleCrafter inside DemoFusion (re-dilation first stage) is not available here; set it to off"
+    """Re-dilation inside DemoFusion is the job's own ScaleCrafter pass (``arm_scalecrafter``): stage 1's for the
+    whole latent, each later stage's for its dilated samples' size only (``ForgeDemoFusionRun.start_pass``)."""
+    if settings.redilation != "off" and not callable(getattr(job, "arm_scalecrafter", None)):
+        return (f"{TITLE}: ScaleCrafter inside DemoFusion (re-dilation {settings.redilation}) is not available "
+                "here; set it to off")
     return None
 
 
 def request_reason(p, settings: ScaleFusionSettings, job=None) -> str | None:
     """Everything DemoFusion refuses in Forge before sampling starts, in A1111's order."""
-    return (unsupported_reason(p) or timestep_sampler_reason(p) or sampler_reason(p) or refiner_reason(p)
-            or redilation_reason(settings, job))
+    return (unsupported_reason(p) or timestep_sampler_reason(p) or sampler_reason(p)
+            or refiner_reason(p, settings) or redilation_reason(settings, job))
 
 
 def check_request(p, settings: ScaleFusionSettings, info, job=None) -> None:
@@ -203,6 +202,49 @@ class StageViews:
             objects.unet = self.unet
 
 
+class FinalStageRefiner:
+    """The refiner at Switch at of the final stage, as in A1111 (``lib_hires/webui/demofusion_refiner.py``).
+
+    Forge switches inside its CFG denoiser's ``forward`` (``apply_refiner(cfg, x)``: it loads the refiner as a new
+    model object with fresh ``forge_objects``, rebuilds the conds and ``sampling_function`` then reads the
+    refiner's UnetPatcher), which would leave the views on the base model's patcher. So the same function is asked
+    first, with the same arguments, just before the denoiser's call of each evaluation (an instance patch outside
+    the skip residual's, so the residual already uses the refiner's schedule): on the switch the stage's views
+    move to a clone of the refiner's UnetPatcher (SDXL: its final size where it has the base's size embeddings),
+    and this call takes the conds Forge just built with the refiner. Forge's own call then finds the refiner
+    loaded and does nothing.
+    """
+
+    def __init__(self, run: "ForgeDemoFusionRun", stage: Stage, engine: DemoFusionSettings, jitter, views):
+        self.run, self.stage, self.engine, self.jitter, self.views = run, stage, engine, jitter, views
+        self.sampler = run.p.sampler
+        self.cfg = self.sampler.model_wrap_cfg
+        self.done = False
+        self._forward = self.cfg.forward
+        self.patch = InstancePatch(self.cfg, "forward", self._call)
+
+    def _call(self, x, sigma, **kwargs):
+        if not self.done:
+            from modules import sd_samplers_common
+            self.done = bool(sd_samplers_common.apply_refiner(self.cfg, x))
+            if self.done:
+                self._follow(kwargs)
+        return self._forward(x, sigma, **kwargs)
+
+    def _follow(self, kwargs: dict) -> None:
+        run, p = self.run, self.run.p
+        kwargs["cond"] = self.sampler.sampler_extra_args["cond"]
+        kwargs["uncond"] = self.sampler.sampler_extra_args["uncond"]
+        self.views.remove()
+        self.views = StageViews(p, self.stage, self.engine, self.jitter, run._refiner_size_conditioning(),
+                                run._check_interrupt)
+        run.fused.append(self.views.fused)
+        log(f"DemoFusion stage {self.stage.index}: the refiner takes over; its views run on the refiner's UNet")
+
+    def remove(self) -> None:
+        self.patch.remove()
+
+
 class ForgeDemoFusionRun(StagedRun):
     """Takes the place of ``p.sample`` for one Forge job; the job calls :meth:`start_pass` from
     ``process_before_every_sampling``."""
@@ -213,15 +255,24 @@ class ForgeDemoFusionRun(StagedRun):
         self.stage: Stage | None = None          # the stage being sampled
         self.size_cond: ForgeSizeConditioning | None = None
         self.hooks: list = []                    # stage 1's conditioning modifier
-        self.fused: list[FusedDenoiser] = []     # each later stage's, for its counters
+        self.fused: list[FusedDenoiser] = []     # each later stage's (and the refiner's), for its counters
+        self.refiner_hold: RefinerHold | None = None
 
     def start_pass(self, p, x) -> None:
-        """Stage 1 (Forge's own sampling): on SDXL, the final size in ``y``; re-dilation where it is asked for
-        (the job's own ScaleCrafter pass). Later stages install their views themselves once every script has run
-        (``StageViews``), so this does nothing for them."""
-        if self.stage is None or self.stage.index != 1:
+        """``process_before_every_sampling`` of a stage. Stage 1 (Forge's own sampling): on SDXL, the final size
+        in ``y``; its re-dilation (first stage / both) is the job's own ScaleCrafter pass. A later stage (global
+        path / both): the job's pass planned for the dilated samples' size, without noise damping, as in A1111;
+        the controller re-dilates only UNet calls of that size, so the local views (one window each) run
+        vanilla. The views themselves go on once every script has run (``StageViews``)."""
+        stage, redilation = self.stage, self.job.settings.redilation
+        if stage is None:
             return
-        if self.job.settings.redilation == "first stage":
+        if stage.index != 1:
+            if redilation in ("global path", "both"):
+                self.job.arm_scalecrafter(p, stage.sample_size, f"DemoFusion stage {stage.index} global preset",
+                                          noise_damping=False)
+            return
+        if redilation in ("first stage", "both"):
             self.job.arm_scalecrafter(p, tuple(x.shape[-2:]), "DemoFusion stage 1 preset")
         if self.size_cond is None:
             return
@@ -237,9 +288,13 @@ class ForgeDemoFusionRun(StagedRun):
 
     def __call__(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         check_request(self.p, self.job.settings, self.job.info, self.job)
+        # The refiner waits for the final stage (stage 1 is Forge's own sampling, which would switch in it)
+        self.refiner_hold = RefinerHold(self.p) if refiner_of(self.p) is not None else None
         try:
             return self._stages(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts)
         finally:
+            if self.refiner_hold is not None:
+                self.refiner_hold.remove()
             self._remove_hooks()
             self.stage = None
 
@@ -249,6 +304,19 @@ class ForgeDemoFusionRun(StagedRun):
             return size_cond
         log("warning: this SDXL model has no size embedder; views keep Forge's size conditioning")
         return None
+
+    def _refiner_size_conditioning(self) -> ForgeSizeConditioning | None:
+        """The final size in the refiner's ``y`` where it has the base SDXL's six size embeddings: Forge's
+        SDXL refiner engine puts an aesthetic score in their place (nothing to edit there, as in A1111)."""
+        model = self.p.sd_model
+        if not getattr(model, "is_sdxl", False) or "Refiner" in type(model).__name__:
+            return None
+        size_cond = ForgeSizeConditioning(model, self.plan.final.width, self.plan.final.height)
+        return size_cond if size_cond.available else None
+
+    def _sigma_to_t(self, sigma):
+        """The timestep of the UnetPatcher sampling now (the refiner's, once it has taken over)."""
+        return self.p.sd_model.forge_objects.unet.model.predictor.timestep(sigma)
 
     def _end_first_stage(self) -> None:
         self._remove_hooks()
@@ -287,13 +355,16 @@ class ForgeDemoFusionRun(StagedRun):
             p.scripts.process_before_every_sampling(p=p, x=z_up, noise=noise, c=c, uc=uc)
         if getattr(p, "modified_noise", None) is not None:
             noise, p.modified_noise = p.modified_noise, None
-        views = sampling = None
+        views = sampling = refiner = None
         strength, start = p.denoising_strength, self.later_start()
         try:
             views = StageViews(p, stage, engine, jitter, self.size_cond, self._check_interrupt)
             self.fused.append(views.fused)
-            sampling = SkipResidualSteps(p.sampler, z_up, noise, engine.cosine_scale_1,
-                                         p.sd_model.forge_objects.unet.model.predictor.timestep, p.sampler_name)
+            sampling = SkipResidualSteps(p.sampler, z_up, noise, engine.cosine_scale_1, self._sigma_to_t,
+                                         p.sampler_name)
+            if self.refiner_hold is not None and stage is self.plan.stages[-1] \
+                    and self.refiner_hold.release() is not None:
+                refiner = FinalStageRefiner(self, stage, engine, jitter, views)
             # Forge's own partial start, as its hires pass and img2img: at stage strength 1 and the same steps,
             # the official full schedule from z' + sigma_max * noise.
             p.denoising_strength = start.strength
@@ -304,6 +375,9 @@ class ForgeDemoFusionRun(StagedRun):
                 raise RequestError(str(error)) from None
         finally:
             p.denoising_strength = strength
+            if refiner is not None:
+                refiner.remove()
+                views = refiner.views
             if sampling is not None:
                 sampling.remove()
             if views is not None:

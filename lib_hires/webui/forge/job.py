@@ -7,7 +7,8 @@ and a pass is armed in ``process_before_every_sampling``. Forge calls that hook 
 ``forge_objects`` for the pass, and twice for the hires pass (before and after a second reset): every call first
 removes what the previous one armed, so the last one, on the objects that sample, is what counts. Everything a pass
 installs comes off when ``p.sample`` returns or raises (an interrupt returns), and again, idempotently, in
-``postprocess``.
+``postprocess``. Forge's refiner switch loads the refiner inside a denoiser call; the ``on_cfg_denoiser`` callback
+that follows it moves the armed pass to the refiner's UnetPatcher (:meth:`ForgeJob.follow_sampler`).
 
 DemoFusion in Forge is ``lib_hires.webui.forge.demofusion.ForgeDemoFusionRun(p, job, original_sample)``: called in place
 of ``p.sample`` (it refuses what it cannot run there, before sampling) and told of every pass by
@@ -15,9 +16,9 @@ of ``p.sample`` (it refuses what it cannot run there, before sampling) and told 
 """
 from __future__ import annotations
 
-from lib_hires.settings import DF, TITLE, ScaleFusionSettings, SettingsError
+from lib_hires.settings import DF, ScaleFusionSettings, SettingsError
 from lib_hires.summary import short_source, size_warnings
-from lib_hires.webui.job import _live_hooks, check_scalecrafter_sizes
+from lib_hires.webui.job import _current, _live_hooks, check_scalecrafter_sizes
 from lib_hires.webui.messages import RequestError, log
 from lib_hires.webui.model_info import ModelInfo, UnsupportedModelError
 from lib_hires.webui.scalecrafter_pass import plan_for_latent
@@ -28,17 +29,6 @@ from .demofusion import ForgeDemoFusionRun
 from .scalecrafter import ForgeScaleCrafterPass
 
 
-def _refiner_reason(p) -> str | None:
-    """Forge's refiner switch reloads the model inside a denoiser step and samples on with fresh
-    ``forge_objects``: every extension's UNet patch of the pass is dropped there, ScaleCrafter's with them."""
-    switch_at = getattr(p, "refiner_switch_at", None)
-    if getattr(p, "refiner_checkpoint_info", None) is None or switch_at is None or switch_at >= 1:
-        return None
-    return (f"{TITLE}: ScaleCrafter cannot run with the refiner in Forge: its switch reloads the model during "
-            "sampling with fresh Forge objects, so the refiner's steps would run without re-dilation; turn the "
-            "refiner off (or use the AUTOMATIC1111 WebUI, where ScaleCrafter follows the refiner)")
-
-
 class ForgeJob:
     def __init__(self, p, settings: ScaleFusionSettings):
         self.settings = settings
@@ -46,6 +36,7 @@ class ForgeJob:
         self.info: ModelInfo | None = None
         self.model = None          # the model object self.info was made for
         self.hooks: list = []      # this pass's hooks
+        self.armed: tuple | None = None  # (latent size, infotext key) of this pass's ScaleCrafter, for the refiner
         original_sample = p.sample
         self.run = ForgeDemoFusionRun(p, self, original_sample) if settings.method == DF else None
 
@@ -56,10 +47,13 @@ class ForgeJob:
                 self.info = self._check_model(p)
                 self._check_request(p)
                 previews = decoding.SmallPreviews(decoding.progress_state())
+                _current.job = self  # the on_cfg_denoiser callback follows a refiner switch (follow_sampler)
                 if self.run is not None:
                     return self.run(*args, **kwargs)
                 return original_sample(*args, **kwargs)
             finally:
+                if _current.job is self:
+                    _current.job = None
                 self.end_pass()
                 if previews is not None:
                     previews.remove()
@@ -99,9 +93,6 @@ class ForgeJob:
         """What cannot run is refused before any sampling starts."""
         if self.settings.method == DF:
             return  # the run checks its own request when called
-        reason = _refiner_reason(p)
-        if reason:
-            raise RequestError(reason)
         check_scalecrafter_sizes(p, self.info, self.settings)
 
     def write_infotext(self, p) -> None:
@@ -110,7 +101,7 @@ class ForgeJob:
     def start_pass(self, p, x) -> None:
         """``process_before_every_sampling``: arms what this pass needs on the objects Forge samples with now."""
         self.end_pass()
-        if self.info is None:  # before p.sample (not reached in Forge), or the job was refused
+        if self.model is None:  # before p.sample (not reached in Forge), or the job was refused
             return
         # This pass's decodes and encodes of big latents in tiles: those Forge makes inside p.sample (the hires
         # pass encodes the first pass's images before its resets, so under this hook, and decodes its own).
@@ -122,19 +113,53 @@ class ForgeJob:
         if getattr(p, "enable_hr", False) and not self.settings.applies_to_pass(is_hires):
             return
         key = "ScaleCrafter hires preset" if is_hires else "ScaleCrafter preset"
-        if p.sd_model is not self.model:  # a hires pass on another checkpoint
-            self.model = p.sd_model
-            try:
-                self.info = forge_model.describe(p.sd_model, self.settings.native_size)
-            except UnsupportedModelError as error:  # raised here, Forge would swallow it: said so, runs vanilla
-                self.info = None
-                self._say_vanilla(p, key, str(error))
-                return
-        self.arm_scalecrafter(p, tuple(x.shape[-2:]), key)
+        if not self._follow_model(p, key):
+            return
+        self.armed = (tuple(x.shape[-2:]), key)
+        self.arm_scalecrafter(p, *self.armed)
 
-    def arm_scalecrafter(self, p, latent_hw, infotext_key: str) -> ForgeScaleCrafterPass | None:
+    def _follow_model(self, p, infotext_key: str) -> bool:
+        """Describes the model that samples now where it is another object than the one described last (a hires
+        pass on another checkpoint, the refiner, the next batch's reload); False where ScaleCrafter cannot run
+        on it (said in the infotext: raised here, Forge would swallow it; that model runs vanilla)."""
+        if p.sd_model is self.model:
+            return self.info is not None
+        self.model = p.sd_model
+        try:
+            self.info = forge_model.describe(p.sd_model, self.settings.native_size)
+        except UnsupportedModelError as error:
+            self.info = None
+            self._say_vanilla(p, infotext_key, str(error))
+            return False
+        return True
+
+    def follow_sampler(self, params) -> None:
+        """``on_cfg_denoiser``, before the UNet runs. Forge's refiner switch (``apply_refiner``) has just reloaded
+        the model at the start of this denoiser call: ``sampling_function`` is about to read the refiner's fresh
+        ``forge_objects.unet``, so the pass moves there: the base's hooks come off and the pass is armed again on a
+        clone of the refiner's UnetPatcher, with the refiner's own plan, or the refiner runs vanilla where no
+        preset fits it (said in the infotext; no base calls either)."""
+        p = self.p
+        if self.armed is None or getattr(params.denoiser, "p", p) is not p or p.sd_model is self.model:
+            return
+        for hook in [h for h in self.hooks if isinstance(h, ForgeScaleCrafterPass)]:
+            self.hooks.remove(hook)
+            hook.remove()
+            _live_hooks.discard(hook)
+        latent_hw, key = self.armed
+        refiner_key = key.replace(" preset", " refiner preset")
+        if self._follow_model(p, refiner_key):
+            self.arm_scalecrafter(p, latent_hw, refiner_key)
+
+    def follow_load(self, sd_model) -> None:
+        """``on_model_loaded`` inside ``p.sample``: Forge's decodes and previews follow ``p.sd_model`` where they
+        run, and the refiner's UNet is followed in :meth:`follow_sampler`; nothing to do here."""
+
+    def arm_scalecrafter(self, p, latent_hw, infotext_key: str, *,
+                         noise_damping: bool = True) -> ForgeScaleCrafterPass | None:
         """Re-dilation for latents of ``latent_hw`` on a clone of the UnetPatcher that samples next, which
-        becomes ``forge_objects.unet``; None where the plan does nothing (said in the infotext either way)."""
+        becomes ``forge_objects.unet``; None where the plan does nothing (said in the infotext either way). UNet
+        calls of another size run vanilla (the controller keys on each call's latent size)."""
         try:
             plan = plan_for_latent(self.info, self.settings, latent_hw)
         except SettingsError as error:
@@ -148,7 +173,7 @@ class ForgeJob:
         if plan.is_noop:
             return None
         patcher = forge_model.unet_patcher(p.sd_model).clone()
-        active = ForgeScaleCrafterPass(plan, self.info, patcher)
+        active = ForgeScaleCrafterPass(plan, self.info, patcher, noise_damping=noise_damping)
         self._add(active)
         p.sd_model.forge_objects.unet = patcher
         return active
@@ -173,6 +198,7 @@ class ForgeJob:
         return next((h for h in self.hooks if isinstance(h, ForgeScaleCrafterPass)), None)
 
     def end_pass(self) -> None:
+        self.armed = None
         while self.hooks:
             hook = self.hooks.pop()
             hook.remove()

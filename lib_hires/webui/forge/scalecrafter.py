@@ -59,11 +59,14 @@ CUSTOM_CFG = (f"{TITLE}: noise-damped CFG cannot be combined with another extens
 class ForgeScaleCrafterPass:
     """Hooks for one pass on ``patcher`` (a clone this pass owns) and its UNet; ``remove()`` is idempotent.
 
-    ``calc_cond_uncond_batch`` and ``weights`` are Forge's (injected for tests without Forge).
+    ``calc_cond_uncond_batch`` and ``weights`` are Forge's (injected for tests without Forge). Without
+    ``noise_damping`` the plan's base set is never used (DemoFusion's global path: CFG there runs over the whole
+    latent through the views, so a base call of the uncond rows would be a call of views too; A1111 arms that
+    pass without a CFG denoiser for the same reason).
     """
 
     def __init__(self, plan: ScaleCrafterPlan, info: ModelInfo, patcher, *, weights=forge_conv_weights,
-                 calc_cond_uncond_batch=None):
+                 calc_cond_uncond_batch=None, noise_damping: bool = True):
         if patcher.model.diffusion_model is not info.unet:
             raise ValueError("the UnetPatcher does not sample with the UNet the plan was made for")
         self.plan = plan
@@ -82,7 +85,7 @@ class ForgeScaleCrafterPass:
             return model, cond, uncond, x, timestep, model_options
 
         patcher.set_model_sampler_pre_cfg_function(pre_cfg)
-        if plan.base is not None:
+        if plan.base is not None and noise_damping:
             patcher.set_model_sampler_post_cfg_function(lambda args: this._noise_damped(args))
 
     def _check_step(self, model, model_options) -> None:
