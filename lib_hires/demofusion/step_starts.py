@@ -53,6 +53,26 @@ def _name(func) -> str:
     return getattr(func, "__name__", None) or type(func).__name__
 
 
+class _ProbeModel:
+    """The fake denoiser handed to the sampler: calls go to the recorder; attribute reads go to the real
+    denoiser (timestep samplers read ``model.inner_model.inner_model.alphas_cumprod``), attribute writes stay
+    here (DDIM CFG++ sets its guidance multiplier), and ``last_noise_uncond`` is the last output."""
+
+    def __init__(self, recorder: "_Recorder", real):
+        self._recorder, self._real = recorder, real
+        self.last_noise_uncond = None
+
+    def __call__(self, x, sigma, *args, **kwargs):
+        out = self._recorder.model(x, sigma, *args, **kwargs)
+        self.last_noise_uncond = out
+        return out
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or self._real is None:
+            raise AttributeError(name)
+        return getattr(self._real, name)
+
+
 class _Recorder:
     """A fake denoiser and callback that log evaluations and reports, keeping the tensors alive."""
 
@@ -141,7 +161,7 @@ def _probe_run(func, bound: inspect.BoundArguments, x_name: str, model_name: str
     tiny = torch.linspace(-1.0, 1.0, 4, device=x.device, dtype=x.dtype).reshape(1, 1, 2, 2)
     recorder = _Recorder(dynamics)
     arguments = dict(bound.arguments)
-    arguments[model_name], arguments[x_name] = recorder.model, tiny
+    arguments[model_name], arguments[x_name] = _ProbeModel(recorder, bound.arguments.get(model_name)), tiny
     parameters = inspect.signature(func).parameters
     for name, value in (("extra_args", {}), ("callback", recorder.callback), ("disable", True),
                         ("noise_sampler", _zero_noise(tiny))):
