@@ -1,10 +1,11 @@
-"""DemoFusion on the WebUI's timestep samplers (DDIM, DDIM CFG++, PLMS; UniPC refused): VP state, ε model.
+"""DemoFusion on the WebUI's timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC): VP state, ε model.
 
 Two sources of sampler functions:
 
 * ``restated``: this file's own statement of the update rules of WebUI v1.10.1's
   ``modules/sd_samplers_timesteps_impl.py`` (DDIM and DDIM CFG++ at eta 0, PLMS), written from their formulas
-  so the checks run in CI without a WebUI. They are a re-statement for testing, not the WebUI's code;
+  so the checks run in CI without a WebUI (UniPC: only its predictor-corrector shape). They are a
+  re-statement for testing, not the WebUI's code;
 * ``webui``: the real functions, loaded from ``$WEBUI_DIR/modules`` in isolation (their ``modules.shared``
   and ``torch_utils`` imports stubbed for the duration of the test); skipped without ``WEBUI_DIR``.
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_hires.demofusion import DemoFusionSettings, FusedDenoiser, Stage
-from lib_hires.demofusion.step_starts import REPORTED_BEFORE, UnsupportedSampler, probe
+from lib_hires.demofusion.step_starts import CORRECTED, REPORTED_BEFORE, UnsupportedSampler, probe
 from lib_hires.demofusion.vp import EpsFusion, VPSchedule
 from lib_hires.webui.demofusion_sampler import StageSampling
 from tests.conftest import _k_diffusion, ldm
@@ -443,26 +444,92 @@ def test_with_cosine_scale_1_zero_the_output_is_the_last_step_from_the_noised_up
     torch.testing.assert_close(out, a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * renoise, atol=1e-5, rtol=0)
 
 
-def test_unipc_is_refused_by_its_structure(webui_impl, tiny):
-    """UniPC evaluates the model at each step's predictor point and steps on from the corrected state, which no
-    evaluation takes: the probe finds no step start for the residual and refuses it."""
-    with pytest.raises(UnsupportedSampler, match="unipc: no model evaluation of each step takes the state"):
-        probe(webui_impl.unipc, TimestepsCFG(tiny), torch.zeros(1, 4, 8, 8), TIMESTEPS, callback=None)
-
-
 def restated_predictor_corrector(model, x, timesteps, extra_args=None, callback=None, disable=None):
-    """UniPC's shape, reduced: one evaluation per step at the predicted state, then a correction of it."""
-    previous = model(x, timesteps[-1].item() * x.new_ones(1))
+    """UniPC's shape, reduced (not its coefficients): one evaluation per step at the predicted state at the next
+    timestep, a correction from the previous state, the corrected state reported and stepped on from."""
+    a = model.inner_model.inner_model.alphas_cumprod
+    ones = x.new_ones(x.shape[0])
+    previous = model(x, timesteps[-1].item() * ones, **(extra_args or {}))
     for k in range(len(timesteps) - 2, -1, -1):
-        predicted = x - 0.1 * previous
-        current = model(predicted, timesteps[k].item() * x.new_ones(1))
-        x = x - 0.05 * (previous + current)
+        ratio = math.sqrt(a[timesteps[k]].item() / a[timesteps[k + 1]].item())
+        predicted = ratio * x + 0.1 * previous
+        current = model(predicted, (timesteps[k].item() + 0.5) * ones, **(extra_args or {}))  # fractional t
+        x = ratio * x + 0.05 * (previous + current)
         previous = current
         if callback is not None:
-            callback({"x": x})
+            callback({"x": x, "i": len(timesteps) - 2 - k, "sigma": 0, "sigma_hat": 0, "denoised": current})
     return x
 
 
-def test_a_predictor_corrector_structure_is_refused():
+def predictor_corrector(samplers):
+    return samplers.get("unipc", restated_predictor_corrector)
+
+
+def test_a_predictor_corrector_residuals_every_evaluation_and_every_state_but_the_last(samplers, tiny, monkeypatch):
+    """UniPC (the WebUI's, or its shape restated): every evaluation is the model's value for the state at its
+    timestep and sees the residual; every corrected state the next step starts from gets it once in the callback,
+    at that timestep; the final state gets none."""
+    func = predictor_corrector(samplers)
+    pattern = probe(func, TimestepsCFG(tiny), torch.zeros(1, 4, 8, 8), TIMESTEPS, callback=None)
+    # UniPC runs len(timesteps) steps and evaluates no model at the last; the restated shape one step fewer
+    steps = len(TIMESTEPS) - 1 if func is restated_predictor_corrector else len(TIMESTEPS)
+    assert (pattern.rule, pattern.reports) == (CORRECTED, steps)
+    assert pattern.evaluations == (steps + 1 if func is restated_predictor_corrector else steps)
+    piece = dict(PIECES["all"], scales=(1.0, 1.0, 1.0))
+    z_up, noise = latents(piece["size"])
+    schedule = VPSchedule(tiny.alphas_cumprod)
+    written, holder = [], {}
+    on_reported = StageSampling._on_reported
+
+    def spy(self, x):
+        before = x.clone()
+        on_reported(self, x)
+        written.append((before, x.clone(), self._last_sigma.clone(), x))
+
+    monkeypatch.setattr(StageSampling, "_on_reported", spy)
+
+    def record(cfg):
+        holder["r"] = Recording(cfg)
+        return holder["r"]
+
+    reports = []
+    x = 0.5 * z_up + 0.8 * noise
+    out, _ = through_the_patches(func, tiny, piece, z_up, noise, TIMESTEPS, x, record=record,
+                                 callback=lambda d: reports.append(d["x"]))
+    log = holder["r"].log
+    assert len(log) == pattern.evaluations
+    for entry in log:
+        torch.testing.assert_close(entry.seen, schedule.skip_residual(entry.before, z_up, noise, entry.t, 1.0),
+                                   atol=0, rtol=0)
+        assert not torch.equal(entry.seen, entry.before)
+    assert len(reports) == pattern.reports and len(written) == pattern.reports - 1
+    for k, (before, after, t, state) in enumerate(written):
+        assert state is reports[k]  # the very state the sampler steps on from
+        assert torch.equal(t, log[k + 1].t)  # at the timestep of the evaluation that preceded it
+        torch.testing.assert_close(after, schedule.skip_residual(before, z_up, noise, t, 1.0), atol=0, rtol=0)
+    assert torch.isfinite(out).all() and out is reports[-1]
+
+
+def test_a_sampler_whose_evaluations_take_no_state_at_all_is_refused():
+    def wandering(model, x, timesteps, callback=None):
+        for k in range(len(timesteps) - 1, 0, -1):
+            model(x * 0.5, timesteps[k])
+            x = x * 0.9
+            callback({"x": x})
+        return x
+
     with pytest.raises(UnsupportedSampler, match="no model evaluation of each step takes the state"):
-        probe(restated_predictor_corrector, None, torch.zeros(1, 4, 8, 8), TIMESTEPS, callback=None)
+        probe(wandering, None, torch.zeros(1, 4, 8, 8), TIMESTEPS, callback=None)
+
+
+def test_a_schedule_the_sampler_itself_refuses_is_an_unsupported_sampler(samplers, tiny):
+    """UniPC cannot run fewer steps than its order (3): the probe turns its own assertion into the refusal the
+    request check reports, before any sampling."""
+    func = predictor_corrector(samplers)
+    if func is restated_predictor_corrector:
+        def func(model, x, timesteps, extra_args=None, callback=None, disable=None):
+            assert len(timesteps) >= 3, "order must be < sampling steps"
+            return restated_predictor_corrector(model, x, timesteps, extra_args, callback, disable)
+    with pytest.raises(UnsupportedSampler, match=r"refuses this schedule \(.*order must be < sampling steps"):
+        probe(func, TimestepsCFG(tiny), torch.zeros(1, 4, 8, 8), TIMESTEPS[:2], callback=None)
+    assert probe(func, TimestepsCFG(tiny), torch.zeros(1, 4, 8, 8), TIMESTEPS[:3], callback=None).rule == CORRECTED

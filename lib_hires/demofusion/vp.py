@@ -1,4 +1,4 @@
-"""DemoFusion on a variance-preserving state with an ε-predicting model (the WebUI's DDIM, DDIM CFG++, PLMS).
+"""DemoFusion on a variance-preserving state with an ε-predicting model (the WebUI's DDIM, DDIM CFG++, PLMS, UniPC).
 
 Those samplers hold ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε`` and call ``model(x_t, t) -> ε``. Dividing by
 ``sqrt(ᾱ_t)`` gives the k-diffusion state ``x = x0 + σ ε`` with ``σ = sqrt((1 - ᾱ_t) / ᾱ_t)``, the form every

@@ -29,6 +29,7 @@ import torch
 from lib_hires.demofusion.step_starts import StepStarts, UnsupportedSampler, probe, tracked_call
 from lib_hires.demofusion.vp import EpsFusion, VPSchedule
 from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, LaterStart, Stage, StagePlan, later_stage_start,
+                                  partial_steps,
                                   plan_stages, repeat_rows, restandardize, row_stats, skip_residual, skip_weight,
                                   upsample_latent)
 from lib_hires.settings import TITLE, ScaleFusionSettings
@@ -96,10 +97,11 @@ def _refiner_switches(p) -> bool:
     return getattr(p.sd_model, "sd_checkpoint_info", None) != info
 
 
-def sampler_reason(p) -> str | None:
+def sampler_reason(p, later: LaterStart | None = None) -> str | None:
     """Why the job's sampler cannot carry the skip residual at every step start, or None: its step structure,
     probed on a tiny tensor with a generic schedule of the job's step count (the stage run probes again with the
-    real one)."""
+    real one). A timestep sampler is also probed with the later stages' timesteps, cut as its
+    ``sample_img2img`` cuts them (UniPC, for one, cannot run fewer steps than its order)."""
     from modules import sd_samplers
 
     sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
@@ -118,6 +120,18 @@ def sampler_reason(p) -> str | None:
         probe(func, getattr(sampler, "model_wrap_cfg", None), torch.zeros(1, 4, 8, 8), callback=None, **kwargs)
     except UnsupportedSampler as error:
         return f"{TITLE}: DemoFusion cannot put its skip residual at each step start of {p.sampler_name} ({error})"
+    if "timesteps" in parameters and later is not None and later.strength > 0:
+        from modules import shared
+        fixed = later.steps is not None or bool(getattr(shared.opts, "img2img_fix_steps", False))
+        total, t_enc = partial_steps(later.steps or steps, later.strength, fixed_steps=fixed)
+        kwargs["timesteps"] = torch.clip(torch.arange(0, 1000, 1000 // total) + 1, 0, 999)[:t_enc]
+        if "is_img2img" in parameters:
+            kwargs["is_img2img"] = True
+        try:
+            probe(func, getattr(sampler, "model_wrap_cfg", None), torch.zeros(1, 4, 8, 8), callback=None, **kwargs)
+        except UnsupportedSampler as error:
+            return (f"{TITLE}: DemoFusion's later stages run {p.sampler_name} over {t_enc} timesteps, which it "
+                    f"cannot sample ({error}); raise the steps, later steps or the stage/denoising strength")
     return None
 
 
@@ -154,7 +168,8 @@ class SkipResidualSteps:
         """The sampler function itself: probed for its step starts with these very arguments, then run. It keeps
         the function's signature (``functools.wraps``): the WebUI picks the arguments it passes from it."""
         self.steps, args, kwargs = tracked_call(
-            self._func, lambda pattern, x: StepStarts(pattern, x, self.sampler_name), *args, **kwargs)
+            self._func, lambda pattern, x: StepStarts(pattern, x, self.sampler_name, self._on_reported),
+            *args, **kwargs)
         try:
             return self._func(*args, **kwargs)
         finally:
@@ -162,13 +177,22 @@ class SkipResidualSteps:
 
     def _forward(self, x, sigma, *args, **kwargs):
         if self.steps is not None and self.steps.is_start(x):
-            if self.vp is not None:
-                x.copy_(self.vp.skip_residual(x, self.z_up, self.noise, sigma, self.cosine_scale_1))
-            else:
-                c1 = skip_weight(self.sigma_to_t(sigma), self.cosine_scale_1)
-                x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
+            self._write_residual(x, sigma)
             self.steps.applied(x)
+            self._last_sigma = sigma
         return self._cfg_forward(x, sigma, *args, **kwargs)
+
+    def _write_residual(self, x, sigma) -> None:
+        if self.vp is not None:
+            x.copy_(self.vp.skip_residual(x, self.z_up, self.noise, sigma, self.cosine_scale_1))
+        else:
+            c1 = skip_weight(self.sigma_to_t(sigma), self.cosine_scale_1)
+            x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
+
+    def _on_reported(self, x) -> None:
+        """A predictor-corrector's corrected state (``step_starts.CORRECTED``): the next step starts from it, at
+        the noise level of the evaluation just made (its predictor's)."""
+        self._write_residual(x, self._last_sigma)
 
     def remove(self) -> None:
         for patch in reversed(self.patches):
