@@ -11,9 +11,14 @@ evaluation whose input *is* (the same tensor object) a state the sampler reports
   these are depends on the schedule only, so :func:`probe` runs the very same function with the very
   same schedule on a tiny tensor with a fake denoiser and lists them; a sampler whose list changes with
   the model's output cannot be driven this way and is refused.
-* ``REPORTED_BEFORE`` (the adaptive DPM-Solver): every attempt starts from the initial state or the
-  tensor the last callback reported; a rejected attempt reports that tensor unchanged, and
-  :class:`StepStarts` does not add the residual to it a second time.
+* ``REPORTED_BEFORE`` (the adaptive DPM-Solver, the WebUI's DDIM and PLMS): every attempt starts from the
+  initial state or the tensor the last callback reported; a rejected attempt reports that tensor unchanged,
+  and :class:`StepStarts` does not add the residual to it a second time.
+* ``CORRECTED`` (predictor-corrector multistep solvers: the WebUI's UniPC): the first evaluation takes the
+  initial state, every later one a predicted state at the next timestep, and the step goes on from a
+  corrected state that no evaluation takes and the callback reports. Each evaluation is the model's value
+  for the state at its timestep, so it sees the residual at its input; the corrected state, which the next
+  step starts from, gets it in the callback (``on_reported``), at that same timestep; the final state none.
 
 :class:`StepStarts` then tells, evaluation by evaluation, where to write the residual, and checks at
 every callback that the reported state is the one that got it, so a sampler that deviates from its
@@ -31,6 +36,7 @@ import torch
 
 REPORTED_AFTER = "reported after"
 REPORTED_BEFORE = "reported before"
+CORRECTED = "corrected"
 MAX_PROBE_EVALUATIONS = 20000  # the adaptive solver on a fake model; far above any real schedule
 
 
@@ -47,10 +53,31 @@ class StepPattern:
     rule: str
     starts: tuple[int, ...]  # REPORTED_AFTER: the evaluation indices that start a step
     evaluations: int         # model evaluations of the probe run (REPORTED_AFTER: of every run)
+    reports: int = 0         # CORRECTED: callbacks of every run (the last one reports the final state)
 
 
 def _name(func) -> str:
     return getattr(func, "__name__", None) or type(func).__name__
+
+
+class _ProbeModel:
+    """The fake denoiser handed to the sampler: calls go to the recorder; attribute reads go to the real
+    denoiser (timestep samplers read ``model.inner_model.inner_model.alphas_cumprod``), attribute writes stay
+    here (DDIM CFG++ sets its guidance multiplier), and ``last_noise_uncond`` is the last output."""
+
+    def __init__(self, recorder: "_Recorder", real):
+        self._recorder, self._real = recorder, real
+        self.last_noise_uncond = None
+
+    def __call__(self, x, sigma, *args, **kwargs):
+        out = self._recorder.model(x, sigma, *args, **kwargs)
+        self.last_noise_uncond = out
+        return out
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or self._real is None:
+            raise AttributeError(name)
+        return getattr(self._real, name)
 
 
 class _Recorder:
@@ -110,6 +137,24 @@ def _reported_before(x0, events) -> bool:
     return len(intervals) > 1
 
 
+def _corrected(x0, events) -> int | None:
+    """The number of reports if ``events`` have the predictor-corrector shape, else None: one evaluation (two
+    before the first report, the first on ``x0``) per report, the last report at most one, and no evaluation on
+    ``x0`` again or on any reported state."""
+    intervals = _intervals(events)
+    reports = len(intervals) - 1
+    if reports < 1 or intervals[-1][0] or not intervals[0][0] or intervals[0][0][0][1] is not x0:
+        return None
+    counts = [len(evaluations) for evaluations, _ in intervals[:-1]]
+    if counts[0] != 2 or any(c != 1 for c in counts[1:-1]) or (reports > 1 and counts[-1] > 1):
+        return None
+    states = [x0] + [reported for _, reported in intervals[:-1]]
+    inputs = [x for evaluations, _ in intervals for _, x in evaluations][1:]
+    if any(x is state for x in inputs for state in states):
+        return None
+    return reports
+
+
 def _zero_noise(like: torch.Tensor):
     return lambda *args, **kwargs: torch.zeros_like(like)
 
@@ -141,7 +186,7 @@ def _probe_run(func, bound: inspect.BoundArguments, x_name: str, model_name: str
     tiny = torch.linspace(-1.0, 1.0, 4, device=x.device, dtype=x.dtype).reshape(1, 1, 2, 2)
     recorder = _Recorder(dynamics)
     arguments = dict(bound.arguments)
-    arguments[model_name], arguments[x_name] = recorder.model, tiny
+    arguments[model_name], arguments[x_name] = _ProbeModel(recorder, bound.arguments.get(model_name)), tiny
     parameters = inspect.signature(func).parameters
     for name, value in (("extra_args", {}), ("callback", recorder.callback), ("disable", True),
                         ("noise_sampler", _zero_noise(tiny))):
@@ -180,12 +225,14 @@ def probe(func, *args, **kwargs) -> StepPattern:
         runs = [_probe_run(func, bound, x_name, model_name, dynamics) for dynamics in (_linear_model, _nonlinear_model)]
     except UnsupportedSampler as error:
         raise UnsupportedSampler(f"{name}: {error}") from None
+    except (AssertionError, ValueError, IndexError) as error:  # the sampler's own checks of its schedule
+        raise UnsupportedSampler(f"{name}: it refuses this schedule ({error or type(error).__name__})") from None
     patterns = [_pattern(x0, events) for x0, events in runs]
     if any(pattern is None for pattern in patterns):
         raise UnsupportedSampler(f"{name}: no model evaluation of each step takes the state its callback reports, "
                                  "so the skip residual has no step start to go to")
     first, second = patterns
-    if first.rule != second.rule or (first.rule == REPORTED_AFTER and first != second):
+    if first.rule != second.rule or (first.rule in (REPORTED_AFTER, CORRECTED) and first != second):
         raise UnsupportedSampler(f"{name}: which evaluations start a step depends on the model's output")
     return first
 
@@ -197,6 +244,9 @@ def _pattern(x0, events) -> StepPattern | None:
         return StepPattern(REPORTED_AFTER, starts, evaluations)
     if _reported_before(x0, events):
         return StepPattern(REPORTED_BEFORE, (), evaluations)
+    reports = _corrected(x0, events)
+    if reports is not None:
+        return StepPattern(CORRECTED, (), evaluations, reports)
     return None
 
 
@@ -230,8 +280,10 @@ class StepStarts:
     """One sampling run's step starts: ask :meth:`is_start` at every evaluation (before the model call),
     tell :meth:`applied` after writing the residual, and pass every callback's state to :meth:`report`."""
 
-    def __init__(self, pattern: StepPattern, x0: torch.Tensor, sampler_name: str = "the sampler"):
+    def __init__(self, pattern: StepPattern, x0: torch.Tensor, sampler_name: str = "the sampler",
+                 on_reported: Callable[[torch.Tensor], None] | None = None):
         self.pattern, self.sampler_name = pattern, sampler_name
+        self.on_reported = on_reported         # CORRECTED: writes the residual into a reported state
         self.starts = frozenset(pattern.starts)
         self.evaluation = 0                    # evaluations seen
         self.residualed: list[tuple[torch.Tensor, int]] = []   # (state, its _version after the write)
@@ -246,6 +298,9 @@ class StepStarts:
         index, self.evaluation = self.evaluation, self.evaluation + 1
         if self.pattern.rule == REPORTED_AFTER:
             return index in self.starts
+        if self.pattern.rule == CORRECTED:
+            self.starts_since_report += 1
+            return True
         if x is not self.expected:
             return False
         self.starts_since_report += 1
@@ -259,6 +314,12 @@ class StepStarts:
         self.reports += 1
         if self.pattern.rule == REPORTED_AFTER:
             ok = self._carries_residual(x) and self.reports <= len(self.pattern.starts)
+        elif self.pattern.rule == CORRECTED:
+            ok = self.reports <= self.pattern.reports and self.on_reported is not None \
+                and (self.starts_since_report >= 1 or self.reports == self.pattern.reports)
+            self.starts_since_report = 0
+            if ok and self.reports < self.pattern.reports:
+                self.on_reported(x)
         else:
             ok, self.starts_since_report, self.expected = self.starts_since_report == 1, 0, x
         if not ok:

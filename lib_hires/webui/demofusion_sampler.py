@@ -27,7 +27,9 @@ import math
 import torch
 
 from lib_hires.demofusion.step_starts import StepStarts, UnsupportedSampler, probe, tracked_call
+from lib_hires.demofusion.vp import EpsFusion, VPSchedule
 from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, LaterStart, Stage, StagePlan, later_stage_start,
+                                  partial_steps,
                                   plan_stages, repeat_rows, restandardize, row_stats, skip_residual, skip_weight,
                                   upsample_latent)
 from lib_hires.settings import TITLE, ScaleFusionSettings
@@ -95,25 +97,52 @@ def _refiner_switches(p) -> bool:
     return getattr(p.sd_model, "sd_checkpoint_info", None) != info
 
 
-def sampler_reason(p) -> str | None:
+def sampler_reason(p, later: LaterStart | None = None) -> str | None:
     """Why the job's sampler cannot carry the skip residual at every step start, or None: its step structure,
     probed on a tiny tensor with a generic schedule of the job's step count (the stage run probes again with the
-    real one)."""
+    real one). A timestep sampler is also probed with the later stages' timesteps, cut as its
+    ``sample_img2img`` cuts them (UniPC, for one, cannot run fewer steps than its order)."""
     from modules import sd_samplers
 
-    func = getattr(sd_samplers.create_sampler(p.sampler_name, p.sd_model), "func", None)
+    sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
+    func = getattr(sampler, "func", None)
     if func is None:
         return f"{TITLE}: DemoFusion cannot drive the sampler {p.sampler_name}: it has no sampling function to follow"
     steps = max(int(getattr(p, "steps", 20) or 20), 2)
     sigmas = torch.cat([torch.exp(torch.linspace(math.log(14.6), math.log(0.03), steps)), torch.zeros(1)])
+    # the WebUI's timestep samplers take a timestep list (sd_samplers_timesteps.CompVisSampler.get_timesteps)
+    timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
     parameters = inspect.signature(func).parameters
     kwargs = {name: value for name, value in (("sigmas", sigmas), ("sigma_min", 0.03), ("sigma_max", 14.6),
-                                              ("n", steps)) if name in parameters}
+                                              ("n", steps), ("timesteps", timesteps)) if name in parameters}
     try:
-        probe(func, None, torch.zeros(1, 4, 8, 8), callback=None, **kwargs)
+        # the sampler's own CFG denoiser: timestep samplers read their model's alphas_cumprod through it
+        probe(func, getattr(sampler, "model_wrap_cfg", None), torch.zeros(1, 4, 8, 8), callback=None, **kwargs)
     except UnsupportedSampler as error:
         return f"{TITLE}: DemoFusion cannot put its skip residual at each step start of {p.sampler_name} ({error})"
+    if "timesteps" in parameters and later is not None and later.strength > 0:
+        from modules import shared
+        fixed = later.steps is not None or bool(getattr(shared.opts, "img2img_fix_steps", False))
+        total, t_enc = partial_steps(later.steps or steps, later.strength, fixed_steps=fixed)
+        kwargs["timesteps"] = torch.clip(torch.arange(0, 1000, 1000 // total) + 1, 0, 999)[:t_enc]
+        if "is_img2img" in parameters:
+            kwargs["is_img2img"] = True
+        try:
+            probe(func, getattr(sampler, "model_wrap_cfg", None), torch.zeros(1, 4, 8, 8), callback=None, **kwargs)
+        except UnsupportedSampler as error:
+            return (f"{TITLE}: DemoFusion's later stages run {p.sampler_name} over {t_enc} timesteps, which it "
+                    f"cannot sample ({error}); raise the steps, later steps or the stage/denoising strength")
     return None
+
+
+def vp_schedule(sampler) -> VPSchedule | None:
+    """The VP schedule of a WebUI timestep sampler (DDIM, DDIM CFG++, PLMS, UniPC: ``CompVisSampler``, whose
+    functions step ``sqrt(ᾱ) x0 + sqrt(1-ᾱ) ε`` with an ε model), read where those functions read it; None for
+    a k-diffusion sampler."""
+    from modules import sd_samplers_timesteps
+    if not isinstance(sampler, sd_samplers_timesteps.CompVisSampler):
+        return None
+    return VPSchedule(sampler.model_wrap_cfg.inner_model.inner_model.alphas_cumprod)
 
 
 class SkipResidualSteps:
@@ -121,9 +150,11 @@ class SkipResidualSteps:
     function is probed for its step starts with the very arguments it is called with, and its CFG denoiser's
     ``forward`` applies the residual there (instance patches; ``remove()`` undoes them)."""
 
-    def __init__(self, sampler, z_up, noise, cosine_scale_1: float, sigma_to_t=None, sampler_name: str | None = None):
+    def __init__(self, sampler, z_up, noise, cosine_scale_1: float, sigma_to_t=None, sampler_name: str | None = None,
+                 vp: VPSchedule | None = None):
         self.sampler, self.cfg = sampler, sampler.model_wrap_cfg
         self.z_up, self.noise, self.cosine_scale_1 = z_up, noise, cosine_scale_1
+        self.vp = vp  # a timestep sampler's VP state: its "sigma" argument is the timestep
         if sigma_to_t is not None:
             self.sigma_to_t = sigma_to_t
         self.steps: StepStarts | None = None  # the step starts of the sampler run in progress
@@ -137,7 +168,8 @@ class SkipResidualSteps:
         """The sampler function itself: probed for its step starts with these very arguments, then run. It keeps
         the function's signature (``functools.wraps``): the WebUI picks the arguments it passes from it."""
         self.steps, args, kwargs = tracked_call(
-            self._func, lambda pattern, x: StepStarts(pattern, x, self.sampler_name), *args, **kwargs)
+            self._func, lambda pattern, x: StepStarts(pattern, x, self.sampler_name, self._on_reported),
+            *args, **kwargs)
         try:
             return self._func(*args, **kwargs)
         finally:
@@ -145,10 +177,22 @@ class SkipResidualSteps:
 
     def _forward(self, x, sigma, *args, **kwargs):
         if self.steps is not None and self.steps.is_start(x):
+            self._write_residual(x, sigma)
+            self.steps.applied(x)
+            self._last_sigma = sigma
+        return self._cfg_forward(x, sigma, *args, **kwargs)
+
+    def _write_residual(self, x, sigma) -> None:
+        if self.vp is not None:
+            x.copy_(self.vp.skip_residual(x, self.z_up, self.noise, sigma, self.cosine_scale_1))
+        else:
             c1 = skip_weight(self.sigma_to_t(sigma), self.cosine_scale_1)
             x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
-            self.steps.applied(x)
-        return self._cfg_forward(x, sigma, *args, **kwargs)
+
+    def _on_reported(self, x) -> None:
+        """A predictor-corrector's corrected state (``step_starts.CORRECTED``): the next step starts from it, at
+        the noise level of the evaluation just made (its predictor's)."""
+        self._write_residual(x, self._last_sigma)
 
     def remove(self) -> None:
         for patch in reversed(self.patches):
@@ -162,16 +206,23 @@ class StageSampling(SkipResidualSteps):
     def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator | None,
                  size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt,
                  sampler_name: str | None = None, refiner: RefinerSwitch | None = None,
-                 size_cond_for=None):
+                 size_cond_for=None, vp: VPSchedule | None = None):
         self.inner = p.sampler.model_wrap_cfg.inner_model
         self.call = None     # the model call view_cond serves (before_call sees it first)
         self.size_cond, self.hints, self.check_interrupt = size_cond, hints, check_interrupt
         self.refiner, self.size_cond_for = refiner, size_cond_for
-        self.fuse = lambda inner: FusedDenoiser.from_settings(inner.forward, settings, dilation=stage.dilation,
-                                                              sigma_to_t=inner.sigma_to_t, jitter=jitter,
-                                                              view_cond=self._view_cond, before_call=self._before_call)
+
+        def fused_for(denoiser, sigma_to_t):
+            return FusedDenoiser.from_settings(denoiser, settings, dilation=stage.dilation, sigma_to_t=sigma_to_t,
+                                               jitter=jitter, view_cond=self._view_cond,
+                                               before_call=self._before_call)
+
+        # k-diffusion: the inner model is an x0 denoiser of sigma. A timestep sampler's returns ε (v models
+        # convert in their own forward) of a VP state at a timestep: the same fused denoiser through EpsFusion.
+        self.fuse = (lambda inner: fused_for(inner.forward, inner.sigma_to_t)) if vp is None else \
+            (lambda inner: EpsFusion(inner.forward, vp, fused_for))
         self.fused = self.fuse(self.inner)
-        super().__init__(p.sampler, z_up, noise, settings.cosine_scale_1, sampler_name=sampler_name)
+        super().__init__(p.sampler, z_up, noise, settings.cosine_scale_1, sampler_name=sampler_name, vp=vp)
         self.patches.append(InstancePatch(self.inner, "forward", self.fused))
 
     def sigma_to_t(self, sigma):
@@ -440,7 +491,8 @@ class DemoFusionRun(StagedRun):
         if self.refiner_hold is not None and stage is self.plan.stages[-1] and self.refiner_hold.release() is not None:
             refiner = RefinerSwitch(p.sampler.model_wrap_cfg)
         patches = StageSampling(p, stage, engine, z_up, noise, jitter, self.size_cond, hints, self._check_interrupt,
-                                sampler_name=p.sampler_name, refiner=refiner, size_cond_for=self._refiner_size_cond)
+                                sampler_name=p.sampler_name, refiner=refiner, size_cond_for=self._refiner_size_cond,
+                                vp=vp_schedule(p.sampler))
         strength, start = p.denoising_strength, self.later_start()
         try:
             # The WebUI's own partial start, as the hires pass (txt2img) or img2img: at stage strength 1 and

@@ -16,6 +16,7 @@ from __future__ import annotations
 import weakref
 from typing import Callable
 
+from lib_hires.demofusion import later_stage_start
 from lib_hires.settings import DF, TITLE, ScaleFusionSettings, SettingsError
 from lib_hires.summary import short_source, size_warnings
 
@@ -155,8 +156,11 @@ class Job:
     def _check_request(self, p) -> None:
         """What the engines cannot do is refused before any sampling starts."""
         if self.settings.method == DF:
-            reason = (unsupported_reason(p) or self._timestep_sampler_reason(p) or sampler_reason(p)
-                      or refiner_reason(p, self.settings))
+            later = later_stage_start(img2img=bool(getattr(p, "init_images", None)),
+                                      stage_strength=self.settings.stage_strength, steps=p.steps,
+                                      later_steps=self.settings.later_steps,
+                                      denoising_strength=getattr(p, "denoising_strength", None))
+            reason = unsupported_reason(p) or sampler_reason(p, later) or refiner_reason(p, self.settings)
             if reason:
                 raise RequestError(reason)
             try:
@@ -168,14 +172,6 @@ class Job:
                                    f"{MAX_SIDE} px per side; lower scale ({self.settings.scale:g}) or Width/Height")
             return
         check_scalecrafter_sizes(p, self.info, self.settings)
-
-    @staticmethod
-    def _timestep_sampler_reason(p) -> str | None:
-        from modules import sd_samplers, sd_samplers_timesteps
-        if sd_samplers.find_sampler_config(p.sampler_name) in sd_samplers_timesteps.samplers_data_timesteps:
-            return (f"{TITLE}: DemoFusion needs a k-diffusion sampler (Euler, Euler a, DPM++ 2M, DPM++ SDE, ...); "
-                    f"{p.sampler_name} is a timestep sampler (DDIM, PLMS, UniPC are not supported)")
-        return None
 
     def write_infotext(self, p) -> None:
         p.extra_generation_params.update(self.settings.to_infotext())
