@@ -135,14 +135,101 @@ def test_per_tile_normalisation_is_the_setting_or_the_fallback(vae_model, capsys
     assert groupnorm_mode(SimpleNamespace(data={"scalefusion_vae_groupnorm": "bogus"})) == "whole image"
 
 
-def test_tiled_vae_leaves_nothing_to_patch(vae_model):
-    model = vae_model
-    model.first_stage_model.encoder.original_forward = model.first_stage_model.encoder.forward
-    try:
-        assert tiled_vae_active(model)
-        assert VaeTiling(model, choose=big_latents_get_tiles_of(16), mode=lambda: "whole image").patches == []
-    finally:
-        del model.first_stage_model.encoder.original_forward
+class VAEHook:
+    """A stand-in of the state Tiled VAE's hook leaves (multidiffusion-upscaler's tilevae.py): an object of a
+    class of this name installed as the module's forward, holding the module as ``net``, the module's own forward
+    kept as ``original_forward``. It records what it is given and runs the original forward."""
+
+    def __init__(self, net):
+        self.net, self.calls = net, []
+
+    def __call__(self, x):
+        self.calls.append(tuple(x.shape[-2:]))
+        return self.net.original_forward(x)
+
+
+def install_tiled_vae(part):
+    if not hasattr(part, "original_forward"):
+        part.original_forward = part.forward
+    part.forward = VAEHook(part)
+    return part.forward
+
+
+def turn_tiled_vae_off(part):
+    """What Tiled VAE does when it is turned off: the hook goes, ``original_forward`` stays."""
+    part.forward.net = None
+    part.forward = part.original_forward
+
+
+def forget_tiled_vae(part):
+    vars(part).pop("forward", None)
+    vars(part).pop("original_forward", None)
+
+
+@pytest.fixture
+def tiled_vae_parts(vae_model):
+    parts = (vae_model.first_stage_model.decoder, vae_model.first_stage_model.encoder)
+    yield parts
+    for part in parts:
+        forget_tiled_vae(part)
+
+
+def test_a_tiled_vae_leftover_with_the_plain_forward_is_tiled_by_us(vae_model, tiled_vae_parts):
+    model, (decoder, encoder) = vae_model, tiled_vae_parts
+    for part in tiled_vae_parts:
+        install_tiled_vae(part)
+        turn_tiled_vae_off(part)
+    assert hasattr(decoder, "original_forward") and not tiled_vae_active(model)
+    notes = []
+    latent = torch.randn(1, 4, 24, 16)
+    with torch.no_grad():
+        expected = tiled_decode(decoder.original_forward, latent, tile=8, overlap=default_overlap(8))
+        model.seen.clear()
+        guard = LargeOutputGuard(model, State(None), choose=big_latents_get_tiles_of(8), mode=lambda: "per tile",
+                                 notice=lambda: notes.append("tiled vae"))
+        try:
+            torch.testing.assert_close(model.decode_first_stage(latent), expected)
+            model.encode_first_stage(torch.randn(1, 3, 192, 128))
+        finally:
+            guard.remove()
+    assert notes == [] and model.seen and max(max(s) for s in model.seen) <= 64  # only tiles, both halves
+    # the leftover forward (a bound method on the instance) is back as it was
+    assert vars(decoder)["forward"] == decoder.original_forward and not isinstance(decoder.forward, VAEHook)
+
+
+def test_an_installed_tiled_vae_hook_gets_the_passes_and_is_noted_once(vae_model, tiled_vae_parts, capsys):
+    from lib_hires.webui.decoding import INFOTEXT_KEY, TILED_VAE_NOTE, note_tiled_vae
+
+    model, (decoder, encoder) = vae_model, tiled_vae_parts
+    install_tiled_vae(decoder)
+    turn_tiled_vae_off(decoder)  # a leftover from an earlier job...
+    hooks = [install_tiled_vae(part) for part in tiled_vae_parts]  # ...and the hook of this one
+    assert tiled_vae_active(model)
+    p = SimpleNamespace(extra_generation_params={})
+    latent, image = torch.randn(1, 4, 24, 16), torch.randn(1, 3, 192, 128)
+    with torch.no_grad():
+        init = VaeTiling(model, choose=big_latents_get_tiles_of(8), notice=lambda: note_tiled_vae(p))
+        assert init.patches == []
+        guard = LargeOutputGuard(model, State(None), choose=big_latents_get_tiles_of(8),
+                                 notice=lambda: note_tiled_vae(p))
+        try:
+            model.decode_first_stage(latent)
+            model.encode_first_stage(image)
+        finally:
+            guard.remove()
+    assert hooks[0].calls == [(24, 16)] and hooks[1].calls == [(192, 128)]  # whole inputs, handed to Tiled VAE
+    assert decoder.forward is hooks[0] and encoder.forward is hooks[1]  # still installed: it is Tiled VAE's to remove
+    assert p.extra_generation_params == {INFOTEXT_KEY: TILED_VAE_NOTE}
+    assert capsys.readouterr().out.count("Tiled VAE (multidiffusion-upscaler) is hooked") == 1
+
+
+def test_a_hook_of_another_class_or_detached_is_not_tiled_vae(vae_model, tiled_vae_parts):
+    model, (decoder, _) = vae_model, tiled_vae_parts
+    hook = install_tiled_vae(decoder)
+    hook.net = None  # detached: Tiled VAE is done with it
+    assert not tiled_vae_active(model)
+    decoder.forward = lambda x: x  # another extension's forward
+    assert not tiled_vae_active(model)
 
 
 def test_a_second_patch_on_top_survives_the_guards_removal():
@@ -168,13 +255,6 @@ def test_sdxl_tiles_are_sized_for_the_32_bit_retry():
     assert decode_element_size(model) == 2
     model.is_sdxl = True
     assert decode_element_size(model) == 4
-
-
-def test_tiled_vae_is_recognised():
-    model = Model()
-    assert not tiled_vae_active(model)
-    model.first_stage_model.decoder.original_forward = lambda x: x
-    assert tiled_vae_active(model)
 
 
 def test_a_decode_inside_a_denoiser_step_is_a_preview_and_shrunk():
