@@ -279,3 +279,152 @@ def test_a_decode_inside_a_denoiser_step_is_a_preview_and_shrunk():
         watch.remove()
         guard.remove()
     assert "forward" not in vars(cfg) and not guard.in_step
+
+
+class NansException(Exception):
+    pass
+
+
+class WebUINans:
+    """``modules.devices``, ``modules.shared`` and ``modules.processing`` as far as a decode's NaN handling goes
+    (WebUI v1.10.1): ``test_for_nans`` reads the first element only; ``decode_latent_batch`` tests each decoded
+    sample and, with "Automatically revert VAE to 32-bit floats", converts the VAE and decodes it again."""
+
+    def __init__(self, monkeypatch, *, tile=8, groupnorm="per tile", decode_method="Full"):
+        import sys
+        import types
+
+        self.devices = types.ModuleType("modules.devices")
+        self.devices.device, self.devices.cpu = "cpu", torch.device("cpu")
+        self.devices.NansException = NansException
+        self.devices.dtype_vae = torch.float16
+        self.devices.test_for_nans = self.test_for_nans
+        self.shared = types.ModuleType("modules.shared")
+        self.shared.cmd_opts = SimpleNamespace(disable_nan_check=False)
+        self.shared.opts = SimpleNamespace(data={"scalefusion_decode_tile": tile, "scalefusion_vae_groupnorm": groupnorm},
+                                           sd_vae_decode_method=decode_method, auto_vae_precision=True)
+        self.processing = types.ModuleType("modules.processing")
+        self.processing.DecodedSamples = type("DecodedSamples", (list,), {"already_decoded": True})
+        self.processing.decode_latent_batch = self.decode_latent_batch
+        self.retries = 0
+        package = types.ModuleType("modules")
+        package.__path__ = []
+        for name in ("devices", "shared", "processing"):
+            setattr(package, name, getattr(self, name))
+            monkeypatch.setitem(sys.modules, f"modules.{name}", getattr(self, name))
+        monkeypatch.setitem(sys.modules, "modules", package)
+
+    def test_for_nans(self, x, where):
+        if not self.shared.cmd_opts.disable_nan_check and torch.isnan(x[(0,) * x.dim()]):
+            raise NansException(f"A tensor with NaNs was produced in {where.upper()}.")
+
+    def decode_latent_batch(self, model, batch, target_device=None, check_for_nans=False):
+        samples = self.processing.DecodedSamples()
+        for i in range(batch.shape[0]):
+            sample = model.decode_first_stage(batch[i:i + 1])[0]
+            if check_for_nans:
+                try:
+                    self.test_for_nans(sample, "vae")
+                except NansException:
+                    if not self.shared.opts.auto_vae_precision or self.devices.dtype_vae == torch.float32:
+                        raise
+                    self.devices.dtype_vae = torch.float32
+                    self.retries += 1
+                    sample = model.decode_first_stage(batch[i:i + 1])[0]
+            samples.append(sample.to(target_device) if target_device is not None else sample)
+        return samples
+
+
+@pytest.fixture
+def nan_in_third_tile_while_half(vae_model):
+    """The decoder's conv_out gives NaNs on its third call (a tile that is neither the first nor covers the
+    first pixel) while the fake's VAE dtype is half precision, as an fp16 overflow in one tile would."""
+    webui = {"calls": 0}
+
+    def overflow(module, args, output):
+        webui["calls"] += 1
+        if webui["calls"] == 3 and webui["fake"].devices.dtype_vae == torch.float16:
+            return torch.full_like(output, float("nan"))
+        return None
+
+    handle = vae_model.first_stage_model.decoder.conv_out.register_forward_hook(overflow)
+    yield webui
+    handle.remove()
+
+
+def test_a_nan_in_one_later_tile_takes_the_webuis_32_bit_retry(vae_model, nan_in_third_tile_while_half,
+                                                                 monkeypatch):
+    from lib_hires.webui.decoding import decode
+
+    webui = nan_in_third_tile_while_half["fake"] = WebUINans(monkeypatch)
+    latent = torch.randn(1, 4, 24, 16)
+    with torch.no_grad():
+        webui.devices.dtype_vae = torch.float32
+        clean = tiled_decode(vae_model.first_stage_model.decoder.forward, latent, tile=8,
+                             overlap=default_overlap(8))
+        webui.devices.dtype_vae, nan_in_third_tile_while_half["calls"] = torch.float16, 0
+        images = decode(SimpleNamespace(sd_model=vae_model, extra_generation_params={}), latent, tile=8)
+    assert webui.retries == 1  # without the all-NaN answer the first element is fine and no retry happens
+    torch.testing.assert_close(images[0], clean[0])
+
+
+def test_without_the_retry_the_webuis_nan_message_is_raised(vae_model, nan_in_third_tile_while_half, monkeypatch):
+    from lib_hires.webui.decoding import decode
+
+    webui = nan_in_third_tile_while_half["fake"] = WebUINans(monkeypatch)
+    webui.shared.opts.auto_vae_precision = False
+    with torch.no_grad(), pytest.raises(NansException, match="NaNs was produced in VAE"):
+        decode(SimpleNamespace(sd_model=vae_model, extra_generation_params={}), torch.randn(1, 4, 24, 16), tile=8)
+
+
+def test_disable_nan_check_keeps_the_tiles_as_decoded(vae_model, nan_in_third_tile_while_half, monkeypatch):
+    from lib_hires.webui.decoding import decode
+
+    webui = nan_in_third_tile_while_half["fake"] = WebUINans(monkeypatch)
+    webui.shared.cmd_opts.disable_nan_check = True
+    with torch.no_grad():
+        image = decode(SimpleNamespace(sd_model=vae_model, extra_generation_params={}), torch.randn(1, 4, 24, 16),
+                       tile=8)[0]
+    assert torch.isnan(image).any() and not torch.isnan(image).all() and webui.retries == 0
+
+
+@pytest.mark.parametrize("groupnorm", ["per tile", "whole image"])
+def test_a_nan_in_a_later_tile_of_an_encode_raises_the_webuis_nan_exception(vae_model, monkeypatch, groupnorm):
+    WebUINans(monkeypatch, groupnorm=groupnorm)
+    image = torch.randn(1, 3, 192, 128)
+    image[..., 150:160, 100:110] = float("nan")  # far from the first pixel, inside later tiles only
+    tiling = VaeTiling(vae_model, choose=big_latents_get_tiles_of(8), mode=lambda: groupnorm)
+    try:
+        with torch.no_grad(), pytest.raises(NansException, match="VAE"):
+            vae_model.encode_first_stage(image)
+    finally:
+        tiling.remove()
+
+
+def test_scalefusions_final_decode_replaces_the_webuis_vae_decoder_key(vae_model, monkeypatch):
+    from lib_hires.webui.decoding import INFOTEXT_KEY, post_sample
+
+    WebUINans(monkeypatch)
+    latent = torch.randn(1, 4, 24, 16)
+    p = SimpleNamespace(sd_model=vae_model, extra_generation_params={"VAE Decoder": "TAESD", "Steps": 3})
+    ps = SimpleNamespace(samples=latent)
+    with torch.no_grad():
+        post_sample(p, ps)
+    assert ps.samples.already_decoded and ps.samples[0].shape == (3, 192, 128)
+    assert p.extra_generation_params == {"Steps": 3,
+                                         INFOTEXT_KEY: "ScaleFusion tiled decode (64 px tiles; per tile)"}
+
+
+def test_a_decode_the_full_vae_does_not_make_is_left_to_the_webui(vae_model, tiled_vae_parts, monkeypatch):
+    from lib_hires.webui.decoding import INFOTEXT_KEY, TILED_VAE_NOTE, post_sample
+
+    webui = WebUINans(monkeypatch, decode_method="TAESD")
+    latent = torch.randn(1, 4, 24, 16)
+    p = SimpleNamespace(sd_model=vae_model, extra_generation_params={})
+    ps = SimpleNamespace(samples=latent)
+    post_sample(p, ps)  # TAESD decodes: its own key is the WebUI's to write
+    assert ps.samples is latent and p.extra_generation_params == {}
+    webui.shared.opts.sd_vae_decode_method = "Full"
+    install_tiled_vae(tiled_vae_parts[0])
+    post_sample(p, ps)  # Tiled VAE's hook decodes
+    assert ps.samples is latent and p.extra_generation_params == {INFOTEXT_KEY: TILED_VAE_NOTE}
