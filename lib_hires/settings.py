@@ -22,7 +22,7 @@ PASSES = ("both", "first", "hires")
 DEMOFUSION_REDILATION = ("off", "first stage", "global path", "both")
 SCALE_RANGE = (1.5, 4.0)
 
-__all__ = ["FIELDS", "Field", "METHODS", "ScaleFusionSettings", "SettingsError", "TITLE"]
+__all__ = ["FIELDS", "Field", "METHODS", "ScaleFusionSettings", "SettingsError", "TITLE", "pasted_ui_value"]
 
 
 @dataclass(frozen=True)
@@ -312,3 +312,22 @@ class ScaleFusionSettings:
 
     def applies_to_pass(self, is_hires_pass: bool) -> bool:
         return self.passes == "both" or self.passes == ("hires" if is_hires_pass else "first")
+
+
+def pasted_ui_value(field: Field, params: Mapping[str, Any]) -> Any:
+    """The value a pasted infotext gives ``field``'s component, or None to leave the component as it is.
+
+    With our key present, every setting the infotext of that method carries gets a value, read or default: the
+    writer (``to_infotext``) records all of them, so one that is missing did not exist when the infotext was
+    written (``stage_strength``, ``stages``, ``later_steps``, and any setting added later) and the image was made
+    with its default. The other method's settings are never written, so their absence says nothing and they
+    keep the UI's values; without our key only "enabled" changes (off). Raises :class:`SettingsError` for a bad
+    pasted value."""
+    if field.name == "enabled":
+        return TITLE in params
+    if TITLE not in params:
+        return None
+    settings = ScaleFusionSettings.from_infotext(params)
+    if field.name != "method" and field not in settings.fields_in_use() and field.infotext not in params:
+        return None
+    return field.to_ui(getattr(settings, field.name))

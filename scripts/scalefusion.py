@@ -12,7 +12,7 @@ from modules import script_callbacks, scripts, shared
 from lib_hires.webui.forge import is_forge_model
 from lib_hires.webui.forge import model as forge_model
 from lib_hires.webui.forge.job import ForgeJob
-from lib_hires.settings import DF, FIELDS, TITLE, ScaleFusionSettings, SettingsError
+from lib_hires.settings import DF, FIELDS, TITLE, ScaleFusionSettings, SettingsError, pasted_ui_value
 from lib_hires.summary import demofusion_summary, scalecrafter_summary
 from lib_hires.webui import decoding, job, model_info, options, ui, xyz
 
@@ -23,23 +23,13 @@ except ImportError:  # WebUI before 1.8
         return component, target
 
 
-def _pasted(params) -> ScaleFusionSettings | None:
-    try:
-        return ScaleFusionSettings.from_infotext(params)
-    except SettingsError as error:
-        job.log(f"ignoring pasted settings: {error}")
-        return None
-
-
 def _paste_target(field):
-    if field.name == "enabled":
-        return lambda params: TITLE in params
-
     def target(params):
-        if field.infotext not in params and field.name != "method":
-            return None  # keeps the current value; "enabled" already turns the extension off
-        settings = _pasted(params)
-        return None if settings is None or not settings.enabled else field.to_ui(getattr(settings, field.name))
+        try:
+            return pasted_ui_value(field, params)
+        except SettingsError as error:
+            job.log(f"ignoring pasted settings: {error}")
+            return None
     return target
 
 

@@ -180,3 +180,50 @@ def test_stage_plans_are_normalised_and_checked_against_scale_for_demofusion_onl
     info = ScaleFusionSettings(enabled=True, method="DemoFusion", scale=4, stages="2, 4").to_infotext()
     assert info["DemoFusion stages"] == "2, 4"
     assert ScaleFusionSettings(enabled=True, method="DemoFusion").to_infotext()["DemoFusion stages"] == "auto"
+
+
+def test_an_infotext_from_before_a_setting_existed_pastes_its_default():
+    """The accordion's paste targets: a key the writer records for the method but the infotext lacks was not
+    there when it was written, so the component gets the default the image was made with, not the UI's value."""
+    from lib_hires.settings import FIELD_BY_NAME, pasted_ui_value
+
+    modern = ScaleFusionSettings(enabled=True, method="DemoFusion", scale=3.0, stage_strength=0.5, stages="2, 3",
+                                 later_steps=12).to_infotext()
+    older = {k: v for k, v in modern.items()
+             if k not in ("DemoFusion stage strength", "DemoFusion stages", "DemoFusion later steps")}
+    params = {"Steps": "20", **older}
+    for name in ("stage_strength", "stages", "later_steps"):
+        f = FIELD_BY_NAME[name]
+        assert pasted_ui_value(f, params) == f.to_ui(f.default) is not None, name
+    assert pasted_ui_value(FIELD_BY_NAME["scale"], params) == 3.0
+    assert pasted_ui_value(FIELD_BY_NAME["enabled"], params) is True
+    assert pasted_ui_value(FIELD_BY_NAME["method"], params) == "DemoFusion"
+    # ScaleCrafter's settings are never in a DemoFusion infotext: they keep what the UI shows
+    assert all(pasted_ui_value(f, params) is None for f in FIELDS if f.method == "ScaleCrafter")
+
+
+@pytest.mark.parametrize("method", ["ScaleCrafter", "DemoFusion"])
+def test_every_written_setting_missing_from_an_infotext_pastes_its_default(method):
+    from lib_hires.settings import pasted_ui_value
+
+    # values away from the defaults where the method allows, so that a kept value could not pass for the default
+    changed = ScaleFusionSettings(enabled=True, method=method, native_size=768, dilation_multiplier=1.5, stop_at=0.5,
+                                  noise_damped_cfg="on", dispersion=True, passes="first", scale=3.0, stride=32,
+                                  view_batch=4, cosine_scale_1=2.0, cosine_scale_2=2.0, cosine_scale_3=2.0,
+                                  sigma=0.5, jitter=False, save_stages=True, low_vram=True, redilation="both",
+                                  stage_strength=0.5, stages="2, 3", later_steps=12)
+    text = changed.to_infotext()
+    for f in changed.fields_in_use():
+        # the stage plan's last scale is the scale: an infotext with one and not the other was never written
+        dropped = {f.infotext, "DemoFusion stages"} if f.name == "scale" else {f.infotext}
+        without = {k: v for k, v in text.items() if k not in dropped}
+        assert pasted_ui_value(f, without) == f.to_ui(f.default), f.name
+        assert pasted_ui_value(f, text) == f.to_ui(getattr(changed, f.name)), f.name
+
+
+def test_an_infotext_without_our_key_only_turns_the_extension_off():
+    from lib_hires.settings import pasted_ui_value
+
+    params = {"Steps": "20", "DemoFusion scale": "3"}  # a stray key without "ScaleFusion" proves nothing
+    assert pasted_ui_value(FIELDS[0], params) is False
+    assert all(pasted_ui_value(f, params) is None for f in FIELDS[1:])

@@ -9,8 +9,15 @@ sample from the assembled moments stay the WebUI's. It is on for ``p.init`` (img
 encoded there), for ``p.sample`` (the Hires. fix encode after a pixel upscaler, the first pass's decode)
 and for the final decode in ``post_sample`` (returned as decoded samples, so the WebUI skips its own).
 The tile is 1024 px, smaller where the device's free memory is short (``choose_tile``), or the user's
-setting. When Tiled VAE (multidiffusion-upscaler) has hooked the VAE it already tiles, and nothing is
-done here.
+setting. When Tiled VAE (multidiffusion-upscaler) has its hook installed as the VAE's forward now, it
+already tiles: the decode and encode are left to it, and the console and the infotext say so once per job.
+Tiled VAE keeps an ``original_forward`` attribute on the modules after it is turned off; that leftover says
+nothing, only the installed hook counts.
+
+A NaN anywhere in a tiled pass reaches the WebUI's own NaN handling (``modules.devices.test_for_nans``, which
+reads one element): a decode comes back all NaN, so ``decode_latent_batch`` retries in 32-bit floats or gives
+its message; an encode raises its ``NansException``. When the final decode is ScaleFusion's, the infotext
+names it instead of the WebUI's "VAE Decoder" key.
 
 Live previews are decoded by the progress thread from ``shared.state.current_latent``; while the job
 runs, that decode is handed a downscaled copy of a large latent.
@@ -32,15 +39,48 @@ DEFAULT_TILE = 0          # automatic
 GROUPNORM_OPTION = "scalefusion_vae_groupnorm"
 FALLBACK_FREE_BYTES = 8 * 2 ** 30  # where free memory cannot be read
 VAE_PARTS = (("decoder", 1), ("encoder", 8))  # (module, input px per latent px)
+TILED_VAE_HOOK = "VAEHook"  # the class multidiffusion-upscaler's Tiled VAE installs as a VAE half's forward
+INFOTEXT_KEY = f"{TITLE} VAE"  # starts with the title: fresh_infotext drops it from a reused p
+WEBUI_DECODER_KEY = "VAE Decoder"
+TILED_VAE_NOTE = "left to Tiled VAE"
+
+
+def tiled_vae_hook(part):
+    """The Tiled VAE hook installed as ``part.forward`` now, or None. Judged by the forward itself, not by
+    ``original_forward``, which Tiled VAE leaves behind when turned off; it detaches a hook it removes
+    (``net = None``), so a hook whose ``net`` is another module is not installed on this one."""
+    forward = getattr(part, "forward", None)
+    if type(forward).__name__ == TILED_VAE_HOOK and getattr(forward, "net", part) is part:
+        return forward
+    return None
 
 
 def tiled_vae_active(sd_model) -> bool:
     vae = getattr(sd_model, "first_stage_model", None)
-    for name, _ in VAE_PARTS:
-        part = getattr(vae, name, None)
-        if hasattr(part, "original_forward") or type(getattr(part, "forward", None)).__name__ == "VAEHook":
-            return True
-    return False
+    return any(tiled_vae_hook(getattr(vae, name, None)) is not None for name, _ in VAE_PARTS)
+
+
+def note_tiled_vae(p) -> None:
+    """Says once per job (the key is the flag; each job starts without it) that Tiled VAE does the VAE passes."""
+    params = p.extra_generation_params
+    if params.get(INFOTEXT_KEY) != TILED_VAE_NOTE:
+        params[INFOTEXT_KEY] = TILED_VAE_NOTE
+        _log("Tiled VAE (multidiffusion-upscaler) is hooked into the VAE: its decodes and encodes are left to it")
+
+
+def webui_nans(output: torch.Tensor, part: str) -> torch.Tensor:
+    """What a tiled pass with a NaN somewhere gives the WebUI: its NaN test reads the first element only, and a
+    NaN in one tile of a per-tile pass stays in that tile. A decode comes back all NaN, so that
+    ``decode_latent_batch``'s own test sees it (retry in 32-bit floats, or its message); the WebUI does not test
+    encodes, so an encode raises its ``NansException`` here. ``--disable-nan-check`` keeps the output as it is."""
+    from modules import devices, shared
+
+    if getattr(shared.cmd_opts, "disable_nan_check", False):
+        return output
+    poisoned = torch.full_like(output, float("nan"))
+    if part == "encoder":
+        devices.test_for_nans(poisoned, "vae")
+    return poisoned
 
 
 def free_bytes(device: torch.device) -> int:
@@ -99,12 +139,14 @@ def _log(message: str) -> None:
 
 
 class TiledForward:
-    """``forward`` of one VAE half while patched: inputs larger than one tile run in tiles."""
+    """``forward`` of one VAE half while patched: inputs larger than one tile run in tiles. ``nans(output, part)``
+    is what a tiled output with a NaN anywhere becomes (default :func:`webui_nans`)."""
 
-    def __init__(self, sd_model, module, unit: int, choose, mode):
+    def __init__(self, sd_model, module, unit: int, choose, mode, part: str = "decoder", nans=None):
         self.sd_model, self.module, self.unit, self.choose, self.mode = sd_model, module, unit, choose, mode
+        self.part, self.nans = part, nans or webui_nans
         self.original = module.forward
-        self.largest_tile = 0  # layout px: what the module's layers saw at most (for tests and logs)
+        self.tiled_passes: list[str] = []  # how each tiled pass ran, for the infotext
 
     def __call__(self, x, *args, **kwargs):
         if not (isinstance(x, torch.Tensor) and x.dim() == 4):
@@ -112,9 +154,16 @@ class TiledForward:
         layout = torch.empty(*x.shape[:-2], x.shape[-2] // self.unit, x.shape[-1] // self.unit, device="meta")
         tile = self.choose(self.sd_model, layout)
         if tile is None:
-            return self.original(x, *args, **kwargs)
+            return self.original(x, *args, **kwargs)  # one whole pass: the WebUI's own, NaN test included
         # An image side that is no multiple of 8 loses its last < 8 px, as the encoder's stride-2 convs drop them
         x = x[..., :layout.shape[-2] * self.unit, :layout.shape[-1] * self.unit]
+        output, how = self._tiled(x, tile, *args, **kwargs)
+        self.tiled_passes.append(f"{tile * 8} px tiles; {how}")
+        if torch.isnan(output).any():
+            output = self.nans(output, self.part)
+        return output
+
+    def _tiled(self, x, tile: int, *args, **kwargs):
         overlap = default_overlap(tile)
         mode = self.mode()
         if mode == GROUPNORM_CHOICES[0] and not args and not kwargs:
@@ -122,7 +171,7 @@ class TiledForward:
             try:
                 return shared_norm_forward(self.module, x, tile=tile, overlap=overlap, unit=self.unit,
                                            forward=self.original, park=torch.device("cpu"),
-                                           park_budget=None if budget is None else int(0.7 * budget))
+                                           park_budget=None if budget is None else int(0.7 * budget)), mode
             except UnsupportedVAE as error:
                 _log(f"warning: whole-image GroupNorm statistics are not possible for this VAE ({error}); "
                      "its tiles are normalised each on its own")
@@ -130,17 +179,21 @@ class TiledForward:
                 _log(f"warning: {error}: this {tuple(x.shape[-2:])} VAE pass normalises its tiles each on its own "
                      "(lower the size, or free host memory, for whole-image GroupNorm statistics)")
         return tiled_apply(lambda part: self.original(part, *args, **kwargs), x, tile=tile, overlap=overlap,
-                           unit=self.unit)
+                           unit=self.unit), GROUPNORM_CHOICES[1]
 
 
 class VaeTiling:
     """Instance patches of the VAE's ``decoder.forward`` and ``encoder.forward`` (:class:`TiledForward`),
     undone by ``remove()``. Where one is already patched by us (a decode inside a guarded ``p.sample``),
-    that patch is left to do the work; with Tiled VAE on, nothing is patched."""
+    that patch is left to do the work; with a Tiled VAE hook installed, nothing is patched and ``notice()``
+    (the job's :func:`note_tiled_vae`) is called."""
 
-    def __init__(self, sd_model, choose=None, mode=None):
+    def __init__(self, sd_model, choose=None, mode=None, notice=None, nans=None):
         self.patches = []
+        self.forwards: dict[str, TiledForward] = {}  # the patches made here, by VAE half
         if tiled_vae_active(sd_model):
+            if notice is not None:
+                notice()
             return
         choose = choose or tile_for
         mode = mode or (lambda: groupnorm_mode(_shared_opts()))
@@ -148,7 +201,9 @@ class VaeTiling:
         for name, unit in VAE_PARTS:
             module = getattr(vae, name, None)
             if isinstance(module, torch.nn.Module) and not isinstance(vars(module).get("forward"), TiledForward):
-                self.patches.append(InstancePatch(module, "forward", TiledForward(sd_model, module, unit, choose, mode)))
+                forward = TiledForward(sd_model, module, unit, choose, mode, name, nans)
+                self.forwards[name] = forward
+                self.patches.append(InstancePatch(module, "forward", forward))
 
     def remove(self) -> None:
         for patch in reversed(self.patches):
@@ -161,29 +216,45 @@ def _shared_opts():
     return shared.opts
 
 
-def decode(p, latents: torch.Tensor, tile: int | None = None) -> list[torch.Tensor]:
-    """One ``[3, H, W]`` image in [-1, 1] on the CPU per latent, in tiles of ``tile`` (default: ``tile_for``)."""
+def decode(p, latents: torch.Tensor, tile: int | None = None, passes: list | None = None) -> list[torch.Tensor]:
+    """One ``[3, H, W]`` image in [-1, 1] on the CPU per latent, in tiles of ``tile`` (default: ``tile_for``),
+    through the WebUI's ``decode_latent_batch`` (its NaN test and 32-bit retry). ``passes`` gets how each tiled
+    decoder pass ran."""
     from modules import devices, processing
 
     tile = tile or tile_for(p.sd_model, latents)
     tiling = VaeTiling(p.sd_model, choose=(lambda model, z: tile if max(z.shape[-2:]) > tile else None) if tile
-                       else (lambda model, z: None))
+                       else (lambda model, z: None), notice=lambda: note_tiled_vae(p))
     try:
         return list(processing.decode_latent_batch(p.sd_model, latents, target_device=devices.cpu, check_for_nans=True))
     finally:
         tiling.remove()
+        if passes is not None and "decoder" in tiling.forwards:
+            passes.extend(tiling.forwards["decoder"].tiled_passes)
 
 
 def post_sample(p, ps) -> None:
-    """``Script.post_sample``: takes over the decode of a big latent."""
-    from modules import processing
+    """``Script.post_sample``: takes over the decode of a big latent where the full VAE would decode it (the
+    WebUI's "VAE type for decode" is Full; TAESD's decode is no VAE pass to tile) and no Tiled VAE hook does;
+    the infotext then names the tiled decode instead of the WebUI's "VAE Decoder"."""
+    from modules import processing, shared
 
     samples = ps.samples
     if getattr(samples, "already_decoded", False) or not isinstance(samples, torch.Tensor):
         return
+    if tiled_vae_active(p.sd_model):
+        note_tiled_vae(p)
+        return
+    if getattr(shared.opts, "sd_vae_decode_method", "Full") != "Full":
+        return
     tile = tile_for(p.sd_model, samples)
-    if tile is not None:
-        ps.samples = processing.DecodedSamples(decode(p, samples, tile))
+    if tile is None:
+        return
+    passes: list[str] = []
+    ps.samples = processing.DecodedSamples(decode(p, samples, tile, passes))
+    if passes:
+        p.extra_generation_params.pop(WEBUI_DECODER_KEY, None)
+        p.extra_generation_params[INFOTEXT_KEY] = f"{TITLE} tiled decode ({passes[-1]})"
 
 
 class LargeOutputGuard:
@@ -198,11 +269,11 @@ class LargeOutputGuard:
     tile.
     """
 
-    def __init__(self, sd_model, state, choose=tile_for, mode=None):
+    def __init__(self, sd_model, state, choose=tile_for, mode=None, notice=None):
         self._set_preview = state.do_set_current_image
         self.state, self.choose = state, choose
         self.in_step = False
-        self.mode = mode
+        self.mode, self.notice = mode, notice
         self.models: list = []
         self.tilings: list[VaeTiling] = []
         self.patches = [InstancePatch(state, "do_set_current_image", self._preview)]
@@ -219,7 +290,7 @@ class LargeOutputGuard:
 
         self.models.append(sd_model)
         self.patches.append(InstancePatch(sd_model, "decode_first_stage", decode_first_stage))
-        self.tilings.append(VaeTiling(sd_model, self.choose, self.mode))
+        self.tilings.append(VaeTiling(sd_model, self.choose, self.mode, self.notice))
 
     def _preview(self):
         latent = self.state.current_latent

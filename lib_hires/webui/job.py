@@ -114,7 +114,8 @@ class Job:
             try:
                 if self.info is not None:
                     from modules import shared
-                    self.guard = decoding.LargeOutputGuard(p.sd_model, shared.state)
+                    self.guard = decoding.LargeOutputGuard(p.sd_model, shared.state,
+                                                          notice=lambda: decoding.note_tiled_vae(p))
                     _live_hooks.add(self.guard)
                     for loaded in _loaded_models():
                         self.guard.attach(loaded)
@@ -131,7 +132,7 @@ class Job:
 
         def init(*args, **kwargs):
             # img2img encodes its init images here, before p.sample and its guard: big ones in tiles too
-            tiling = decoding.VaeTiling(p.sd_model)
+            tiling = decoding.VaeTiling(p.sd_model, notice=lambda: decoding.note_tiled_vae(p))
             try:
                 return original_init(*args, **kwargs)
             finally:
