@@ -23,6 +23,8 @@ instead of being run wrong.
 """
 from __future__ import annotations
 
+import threading
+import types
 import weakref
 from dataclasses import dataclass
 
@@ -105,14 +107,19 @@ def _block_steps(module: nn.Module) -> list[Step]:
 
 def _top_level_calls(module: nn.Module, forward, x: torch.Tensor) -> tuple[list[nn.Module], torch.Tensor]:
     calls, depth = [], [0]
+    # the hooks sit on modules another thread may run meanwhile (a live preview): they see only this thread
+    me = threading.get_ident()
 
     def before(m, args):
+        if threading.get_ident() != me:
+            return
         if depth[0] == 0:
             calls.append(m)
         depth[0] += 1
 
     def after(m, args, out):
-        depth[0] -= 1
+        if threading.get_ident() == me:
+            depth[0] -= 1
 
     handles = []
     for m in module.modules():
@@ -244,14 +251,38 @@ def _normalise(h: torch.Tensor, norm: nn.GroupNorm, stats: _Stats) -> torch.Tens
 
 
 class _SharedNorm(nn.Module):
-    """Stands in for an attention block's ``norm`` while the block runs on one tile of this thread's pass."""
+    """Stands in for an attention block's ``norm`` in this pass's stand-in of the block (:func:`_attention_with`)."""
 
     def __init__(self, norm: nn.GroupNorm, stats: _Stats):
         super().__init__()
         self.norm, self.stats = norm, stats
+        self.calls = 0
 
     def forward(self, x):
+        self.calls += 1
         return _normalise(x, self.norm, self.stats)
+
+
+def _attention_with(block: nn.Module, h: torch.Tensor, stats: _Stats) -> torch.Tensor:
+    """``block(h)`` with its ``norm`` normalising with ``stats``, the block itself untouched.
+
+    The progress thread may decode a preview through the same decoder while this pass runs (issue 19 §3), so
+    nothing another thread can see may change: the block runs as a stand-in of its own class that shares its
+    parameters, hooks and submodules, except for its own ``norm`` (the WebUI swaps ``AttnBlock.forward`` on the
+    class, which the stand-in runs as it is). A forward bound to the block itself is rebound to the stand-in; one
+    that does not reach its norm through the stand-in (a closure over the block) is refused, not run per tile."""
+    shared = _SharedNorm(block._modules["norm"], stats)
+    stand_in = object.__new__(type(block))
+    stand_in.__dict__.update(vars(block))
+    stand_in.__dict__["_modules"] = {**block._modules, "norm": shared}
+    own_forward = vars(block).get("forward")
+    if getattr(own_forward, "__self__", None) is block:
+        stand_in.__dict__["forward"] = types.MethodType(own_forward.__func__, stand_in)
+    out = stand_in(h)
+    if shared.calls != 1:
+        raise UnsupportedVAE(f"{type(block).__name__}'s forward applied its norm {shared.calls} times through "
+                             "the block, not once")
+    return out
 
 
 def _apply(step: Step, h: torch.Tensor, stack: list[torch.Tensor], stats: _Stats | None) -> torch.Tensor:
@@ -271,13 +302,7 @@ def _apply(step: Step, h: torch.Tensor, stack: list[torch.Tensor], stats: _Stats
     if kind == "add":
         return h.add_(stack.pop())
     if kind == "attention":
-        block = step.module
-        norm = block._modules["norm"]
-        block._modules["norm"] = _SharedNorm(norm, stats)
-        try:
-            return block(h)
-        finally:
-            block._modules["norm"] = norm
+        return _attention_with(step.module, h, stats)
     if kind == "tanh":
         return torch.tanh(h)
     raise AssertionError(kind)
