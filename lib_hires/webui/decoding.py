@@ -186,11 +186,49 @@ def post_sample(p, ps) -> None:
         ps.samples = processing.DecodedSamples(decode(p, samples, tile))
 
 
-class LargeOutputGuard:
-    """Installed for the duration of ``p.sample``: small live previews, tiled decodes and encodes of big inputs.
+class LivePreviewShrink:
+    """Instance patches of ``shared.state`` from the start of a job's first ``p.sample`` until ``postprocess``: the
+    progress thread's preview decode (``do_set_current_image``) gets a downscaled copy of a large latent.
 
-    Instance patches, undone by ``remove()``: ``shared.state.do_set_current_image`` (the progress thread's
-    preview decode), and on every model the job samples with — the model ``p.sample`` starts with, and each one a
+    Not only during ``p.sample``: the final tiled decode in ``post_sample`` runs after it, while the progress thread
+    still previews ``current_latent`` (Full previews would decode it whole, through the same decoder, at the same
+    time), and with ``show_progress_every_n_steps = -1`` ``state.nextjob()`` previews it after every batch's decode
+    (issue 19 §3). The WebUI calls no script when a generation fails between ``p.sample`` and ``postprocess``, but
+    it always ends the job with ``state.end()`` (``call_queue``, the API): that call removes the patches too."""
+
+    def __init__(self, state):
+        self.state = state
+        self._set_preview = state.do_set_current_image
+        self.patches = [InstancePatch(state, "do_set_current_image", self._preview)]
+        if callable(getattr(state, "end", None)):
+            self._end = state.end
+            self.patches.append(InstancePatch(state, "end", self._on_end))
+
+    def _preview(self):
+        latent = self.state.current_latent
+        if isinstance(latent, torch.Tensor) and latent.dim() == 4:
+            self.state.current_latent = shrink_latent(latent)
+        return self._set_preview()
+
+    def _on_end(self, *args, **kwargs):
+        self.remove()
+        return self._end(*args, **kwargs)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self.patches)
+
+    def remove(self) -> None:
+        for patch in reversed(self.patches):
+            patch.remove()
+        self.patches = []
+
+
+class LargeOutputGuard:
+    """Installed for the duration of ``p.sample``: tiled decodes and encodes of big inputs, small in-step previews
+    (the progress thread's previews are :class:`LivePreviewShrink`'s, which lasts until ``postprocess``).
+
+    Instance patches, undone by ``remove()``, on every model the job samples with — the model ``p.sample`` starts with, and each one a
     hires checkpoint or a refiner switches to (``attach``), since the hires pass decodes its result inside
     ``p.sample`` on its own model — ``decode_first_stage`` and the VAE halves' ``forward`` (:class:`VaeTiling`).
     A decode asked for inside a denoiser step (``in_step``, see :class:`StepPreviews`) is the live preview that
@@ -199,13 +237,12 @@ class LargeOutputGuard:
     """
 
     def __init__(self, sd_model, state, choose=tile_for, mode=None):
-        self._set_preview = state.do_set_current_image
         self.state, self.choose = state, choose
         self.in_step = False
         self.mode = mode
         self.models: list = []
         self.tilings: list[VaeTiling] = []
-        self.patches = [InstancePatch(state, "do_set_current_image", self._preview)]
+        self.patches = []
         self.attach(sd_model)
 
     def attach(self, sd_model) -> None:
@@ -220,12 +257,6 @@ class LargeOutputGuard:
         self.models.append(sd_model)
         self.patches.append(InstancePatch(sd_model, "decode_first_stage", decode_first_stage))
         self.tilings.append(VaeTiling(sd_model, self.choose, self.mode))
-
-    def _preview(self):
-        latent = self.state.current_latent
-        if isinstance(latent, torch.Tensor):
-            self.state.current_latent = shrink_latent(latent)
-        return self._set_preview()
 
     def _decode(self, decode_first_stage, z, *args, **kwargs):
         if self.in_step and isinstance(z, torch.Tensor) and z.dim() == 4:
