@@ -51,13 +51,7 @@ def free_bytes(device: torch.device) -> int:
     if device.type == "mps" and hasattr(torch, "mps") and hasattr(torch.mps, "recommended_max_memory"):
         return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
     available = available_ram_bytes()
-    if available is None:
-        try:
-            import psutil  # the WebUI ships it; Windows and macOS have no /proc/meminfo
-            available = int(psutil.virtual_memory().available)
-        except ImportError:
-            available = FALLBACK_FREE_BYTES
-    return available
+    return FALLBACK_FREE_BYTES if available is None else available
 
 
 def decode_element_size(sd_model) -> int:
@@ -120,9 +114,11 @@ class TiledForward:
         if mode == GROUPNORM_CHOICES[0] and not args and not kwargs:
             budget = available_ram_bytes()
             try:
+                if budget is None:  # neither psutil nor /proc/meminfo: parking tiles unchecked could exhaust it
+                    raise HostMemoryShort("the free host memory cannot be read (no psutil, no /proc/meminfo)")
                 return shared_norm_forward(self.module, x, tile=tile, overlap=overlap, unit=self.unit,
                                            forward=self.original, park=torch.device("cpu"),
-                                           park_budget=None if budget is None else int(0.7 * budget))
+                                           park_budget=int(0.7 * budget))
             except UnsupportedVAE as error:
                 _log(f"warning: whole-image GroupNorm statistics are not possible for this VAE ({error}); "
                      "its tiles are normalised each on its own")
