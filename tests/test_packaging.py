@@ -4,7 +4,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBUI_PACKAGES = {"modules", "launch", "webui", "ldm", "sgm", "scripts"}
-SHIPPED_BY_WEBUI = {"torch", "numpy", "einops", "k_diffusion", "safetensors", "gradio"}
+SHIPPED_BY_WEBUI = {"torch", "numpy", "einops", "k_diffusion", "safetensors", "gradio",
+                    "psutil"}  # psutil: WebUI v1.10.1 requirements_versions.txt pins 5.9.5; imported guarded
 
 
 def imported_roots(path: Path) -> set[str]:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import pytest
 
 from lib_hires.vae import PREVIEW_MAX_SIDE, default_overlap, tiled_decode, tiled_encode
-from lib_hires.webui.decoding import (LargeOutputGuard, VaeTiling, decode_element_size, groupnorm_mode, tile_size,
+from lib_hires.webui.decoding import (LargeOutputGuard, LivePreviewShrink, VaeTiling, decode_element_size, groupnorm_mode, tile_size,
                                       tiled_vae_active)
 from tools.vae_factory import build_decoder, build_encoder
 
@@ -41,13 +41,15 @@ def big_latents_get_tiles_of(tile):
     return lambda model, z: tile if max(z.shape[-2:]) > tile else None
 
 
-def test_previews_of_a_big_latent_are_decoded_small_while_the_guard_is_on():
+def test_previews_of_a_big_latent_are_decoded_small_while_the_shrink_is_on():
     state, model = State(torch.randn(1, 4, 512, 384)), Model()
+    previews = LivePreviewShrink(state)
     guard = LargeOutputGuard(model, state, choose=big_latents_get_tiles_of(64))
     state.do_set_current_image()
     state.current_latent = torch.randn(1, 4, 64, 64)
+    guard.remove()   # p.sample has returned: the previews stay small until postprocess
     state.do_set_current_image()
-    guard.remove()
+    previews.remove()
     state.current_latent = torch.randn(1, 4, 512, 384)
     state.do_set_current_image()
     assert state.decoded_shapes == [(1, 4, PREVIEW_MAX_SIDE, 96), (1, 4, 64, 64), (1, 4, 512, 384)]

@@ -31,6 +31,9 @@ here: the layout's attention (as the WebUI's, on transposed q, k, v) falls back 
 scores over 256² latent px take 32 GB at any width. The figures are the structure's, not the real width's: memory and time per pixel
 scale with width, the ratios hold roughly, PSNR depends on the weights.
 
+The last lines put the shared-norm decode's seconds beside the whole decode's (and the per-tile one's) of the same
+run (issue 19 §4).
+
 Targets (issue 12): shared tiles >= 40 dB against the whole pass; shared time <= 1.5x the whole pass where
 it fits; shared device peak at 4096² <= 1.5x a whole 1024² pass.
 """
@@ -280,6 +283,14 @@ def main(argv=None) -> int:
           "scheme before, held, from the same probe)")
     verdicts = []
     for key, entry in summary["results"].items():
+        if key.startswith("decode") and "shared" in entry:   # issue 19 §4: the shared-norm decode's price, one run
+            shared, whole, per_tile = entry["shared"], entry.get("whole"), entry.get("per-tile")
+            line = f"{key}²: shared-norm decode {shared['seconds']:.2f} s"
+            line += (f" vs whole decode {whole['seconds']:.2f} s: {shared['time_ratio']:.3f}x (median of paired rounds)"
+                     if whole is not None and "time_ratio" in shared else " (no whole decode fits here)")
+            if per_tile is not None:
+                line += f"; per-tile decode {per_tile['seconds']:.2f} s"
+            verdicts.append(line)
         shared = entry.get("shared", {})
         if "psnr" in shared:
             verdicts.append(f"{key}²: shared PSNR {shared['psnr']:.1f} dB (>= 40: "

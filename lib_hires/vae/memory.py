@@ -35,12 +35,26 @@ def choose_tile(free_bytes: int, element_size: int, channels: int = 512, *, pref
 
 
 def available_ram_bytes() -> int | None:
-    """Memory the OS can still hand out (Linux ``MemAvailable``), or None where it cannot be read."""
+    """Memory the OS can still hand out, or None where it cannot be read: psutil's ``available`` where psutil
+    imports (the WebUI ships it; Windows and macOS have no ``/proc/meminfo``), else Linux ``MemAvailable``."""
     try:
-        with open("/proc/meminfo") as f:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return int(psutil.virtual_memory().available)
+        except Exception:  # noqa: BLE001 - a sandbox that hides the counters: try /proc/meminfo
+            pass
+    return _meminfo_available()
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(path) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return None

@@ -23,6 +23,8 @@ instead of being run wrong.
 """
 from __future__ import annotations
 
+import threading
+import types
 import weakref
 from dataclasses import dataclass
 
@@ -105,14 +107,19 @@ def _block_steps(module: nn.Module) -> list[Step]:
 
 def _top_level_calls(module: nn.Module, forward, x: torch.Tensor) -> tuple[list[nn.Module], torch.Tensor]:
     calls, depth = [], [0]
+    # the hooks sit on modules another thread may run meanwhile (a live preview): they see only this thread
+    me = threading.get_ident()
 
     def before(m, args):
+        if threading.get_ident() != me:
+            return
         if depth[0] == 0:
             calls.append(m)
         depth[0] += 1
 
     def after(m, args, out):
-        depth[0] -= 1
+        if threading.get_ident() == me:
+            depth[0] -= 1
 
     handles = []
     for m in module.modules():
@@ -244,14 +251,38 @@ def _normalise(h: torch.Tensor, norm: nn.GroupNorm, stats: _Stats) -> torch.Tens
 
 
 class _SharedNorm(nn.Module):
-    """Stands in for an attention block's ``norm`` while the block runs on one tile of this thread's pass."""
+    """Stands in for an attention block's ``norm`` in this pass's stand-in of the block (:func:`_attention_with`)."""
 
     def __init__(self, norm: nn.GroupNorm, stats: _Stats):
         super().__init__()
         self.norm, self.stats = norm, stats
+        self.calls = 0
 
     def forward(self, x):
+        self.calls += 1
         return _normalise(x, self.norm, self.stats)
+
+
+def _attention_with(block: nn.Module, h: torch.Tensor, stats: _Stats) -> torch.Tensor:
+    """``block(h)`` with its ``norm`` normalising with ``stats``, the block itself untouched.
+
+    The progress thread may decode a preview through the same decoder while this pass runs (issue 19 §3), so
+    nothing another thread can see may change: the block runs as a stand-in of its own class that shares its
+    parameters, hooks and submodules, except for its own ``norm`` (the WebUI swaps ``AttnBlock.forward`` on the
+    class, which the stand-in runs as it is). A forward bound to the block itself is rebound to the stand-in; one
+    that does not reach its norm through the stand-in (a closure over the block) is refused, not run per tile."""
+    shared = _SharedNorm(block._modules["norm"], stats)
+    stand_in = object.__new__(type(block))
+    stand_in.__dict__.update(vars(block))
+    stand_in.__dict__["_modules"] = {**block._modules, "norm": shared}
+    own_forward = vars(block).get("forward")
+    if getattr(own_forward, "__self__", None) is block:
+        stand_in.__dict__["forward"] = types.MethodType(own_forward.__func__, stand_in)
+    out = stand_in(h)
+    if shared.calls != 1:
+        raise UnsupportedVAE(f"{type(block).__name__}'s forward applied its norm {shared.calls} times through "
+                             "the block, not once")
+    return out
 
 
 def _apply(step: Step, h: torch.Tensor, stack: list[torch.Tensor], stats: _Stats | None) -> torch.Tensor:
@@ -271,13 +302,7 @@ def _apply(step: Step, h: torch.Tensor, stack: list[torch.Tensor], stats: _Stats
     if kind == "add":
         return h.add_(stack.pop())
     if kind == "attention":
-        block = step.module
-        norm = block._modules["norm"]
-        block._modules["norm"] = _SharedNorm(norm, stats)
-        try:
-            return block(h)
-        finally:
-            block._modules["norm"] = norm
+        return _attention_with(step.module, h, stats)
     if kind == "tanh":
         return torch.tanh(h)
     raise AssertionError(kind)
@@ -369,8 +394,9 @@ class _Parking:
     between two calls either nothing is parked or freed, or exactly one thing is: the memory the compute device
     uses is then what the process holds less the larger of the two counts."""
 
-    def __init__(self, park: torch.device, monitor=None):
+    def __init__(self, park: torch.device, monitor=None, device: torch.device | None = None):
         self.park, self.monitor = park, monitor
+        self.pinned = pins(device, park) if device is not None else False
         self.bytes = self.peak = 0
 
     def _mark(self):
@@ -380,7 +406,7 @@ class _Parking:
     def keep(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Contiguous copies of ``tensors`` (crops of a tile's state) in park memory, counted."""
         self._mark()
-        kept = [t.to(self.park, copy=True, memory_format=torch.contiguous_format) for t in tensors]
+        kept = [park_copy(t, self.park, self.pinned) for t in tensors]
         self.bytes += sum(t.numel() * t.element_size() for t in kept)
         self.peak = max(self.peak, self.bytes)
         self._mark()
@@ -399,6 +425,24 @@ class _Parking:
         self.bytes -= sum(t.numel() * t.element_size() for t in tensors)
         tensors.clear()
         self._mark()
+
+
+def pins(device: torch.device, park: torch.device) -> bool:
+    """Whether tiles computed on ``device`` park in pinned host memory with non-blocking copies: from CUDA to the
+    host only (page-locked memory lets the copies overlap the next tile's work; elsewhere there is nothing to gain
+    and the CPU path stays as it was)."""
+    return device.type == "cuda" and park.type == "cpu"
+
+
+def park_copy(t: torch.Tensor, park: torch.device, pinned: bool) -> torch.Tensor:
+    """A contiguous copy of ``t`` in park memory; pinned, and copied without waiting, where ``pinned`` and ``t`` is
+    on CUDA. Nothing on the host reads a parked tile before the device does: it only goes back to the device on
+    the same stream, which orders the copies, and torch keeps a pinned block until the copies using it are done."""
+    if pinned and t.device.type == "cuda":
+        kept = torch.empty(t.shape, dtype=t.dtype, device=park, pin_memory=True)
+        kept.copy_(t, non_blocking=True)
+        return kept
+    return t.to(park, copy=True, memory_format=torch.contiguous_format)
 
 
 def _crop(t: torch.Tensor, box, origin, scale: int) -> torch.Tensor:
@@ -459,7 +503,7 @@ def shared_norm_forward(module: nn.Module, x: torch.Tensor, *, tile: int, overla
         raise HostMemoryShort(f"the tiles waiting between GroupNorms need about {estimate / 2 ** 20:.0f} MiB of "
                               f"host memory; {park_budget / 2 ** 20:.0f} MiB can be given")
     device, park = x.device, torch.device(park)
-    parking = _Parking(park, monitor)
+    parking = _Parking(park, monitor, device)
     tiles = grid.tiles
     sources = {u: grid.sources(u) for u in tiles}
     cores = {t: grid.core(t) for t in tiles}
@@ -488,7 +532,7 @@ def shared_norm_forward(module: nn.Module, x: torch.Tensor, *, tile: int, overla
                     window = torch.empty(*own.shape[:-2], th * s, tw * s, dtype=own.dtype, device=device)
                     for t, part in sources[u]:
                         src = kept[(t, u)][d] if t in done else _crop(states[t][d], part, cores[t][::2], s)
-                        _crop(window, part, origins[u], s).copy_(src)
+                        _crop(window, part, origins[u], s).copy_(src, non_blocking=parking.pinned)
                     windows.append(window)
                 for t, _ in sources[u]:
                     if t in done:

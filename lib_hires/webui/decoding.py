@@ -91,13 +91,7 @@ def free_bytes(device: torch.device) -> int:
     if device.type == "mps" and hasattr(torch, "mps") and hasattr(torch.mps, "recommended_max_memory"):
         return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
     available = available_ram_bytes()
-    if available is None:
-        try:
-            import psutil  # the WebUI ships it; Windows and macOS have no /proc/meminfo
-            available = int(psutil.virtual_memory().available)
-        except ImportError:
-            available = FALLBACK_FREE_BYTES
-    return available
+    return FALLBACK_FREE_BYTES if available is None else available
 
 
 def decode_element_size(sd_model) -> int:
@@ -169,9 +163,11 @@ class TiledForward:
         if mode == GROUPNORM_CHOICES[0] and not args and not kwargs:
             budget = available_ram_bytes()
             try:
+                if budget is None:  # neither psutil nor /proc/meminfo: parking tiles unchecked could exhaust it
+                    raise HostMemoryShort("the free host memory cannot be read (no psutil, no /proc/meminfo)")
                 return shared_norm_forward(self.module, x, tile=tile, overlap=overlap, unit=self.unit,
                                            forward=self.original, park=torch.device("cpu"),
-                                           park_budget=None if budget is None else int(0.7 * budget)), mode
+                                           park_budget=int(0.7 * budget)), mode
             except UnsupportedVAE as error:
                 _log(f"warning: whole-image GroupNorm statistics are not possible for this VAE ({error}); "
                      "its tiles are normalised each on its own")
@@ -257,11 +253,49 @@ def post_sample(p, ps) -> None:
         p.extra_generation_params[INFOTEXT_KEY] = f"{TITLE} tiled decode ({passes[-1]})"
 
 
-class LargeOutputGuard:
-    """Installed for the duration of ``p.sample``: small live previews, tiled decodes and encodes of big inputs.
+class LivePreviewShrink:
+    """Instance patches of ``shared.state`` from the start of a job's first ``p.sample`` until ``postprocess``: the
+    progress thread's preview decode (``do_set_current_image``) gets a downscaled copy of a large latent.
 
-    Instance patches, undone by ``remove()``: ``shared.state.do_set_current_image`` (the progress thread's
-    preview decode), and on every model the job samples with — the model ``p.sample`` starts with, and each one a
+    Not only during ``p.sample``: the final tiled decode in ``post_sample`` runs after it, while the progress thread
+    still previews ``current_latent`` (Full previews would decode it whole, through the same decoder, at the same
+    time), and with ``show_progress_every_n_steps = -1`` ``state.nextjob()`` previews it after every batch's decode
+    (issue 19 §3). The WebUI calls no script when a generation fails between ``p.sample`` and ``postprocess``, but
+    it always ends the job with ``state.end()`` (``call_queue``, the API): that call removes the patches too."""
+
+    def __init__(self, state):
+        self.state = state
+        self._set_preview = state.do_set_current_image
+        self.patches = [InstancePatch(state, "do_set_current_image", self._preview)]
+        if callable(getattr(state, "end", None)):
+            self._end = state.end
+            self.patches.append(InstancePatch(state, "end", self._on_end))
+
+    def _preview(self):
+        latent = self.state.current_latent
+        if isinstance(latent, torch.Tensor) and latent.dim() == 4:
+            self.state.current_latent = shrink_latent(latent)
+        return self._set_preview()
+
+    def _on_end(self, *args, **kwargs):
+        self.remove()
+        return self._end(*args, **kwargs)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self.patches)
+
+    def remove(self) -> None:
+        for patch in reversed(self.patches):
+            patch.remove()
+        self.patches = []
+
+
+class LargeOutputGuard:
+    """Installed for the duration of ``p.sample``: tiled decodes and encodes of big inputs, small in-step previews
+    (the progress thread's previews are :class:`LivePreviewShrink`'s, which lasts until ``postprocess``).
+
+    Instance patches, undone by ``remove()``, on every model the job samples with — the model ``p.sample`` starts with, and each one a
     hires checkpoint or a refiner switches to (``attach``), since the hires pass decodes its result inside
     ``p.sample`` on its own model — ``decode_first_stage`` and the VAE halves' ``forward`` (:class:`VaeTiling`).
     A decode asked for inside a denoiser step (``in_step``, see :class:`StepPreviews`) is the live preview that
@@ -270,13 +304,12 @@ class LargeOutputGuard:
     """
 
     def __init__(self, sd_model, state, choose=tile_for, mode=None, notice=None):
-        self._set_preview = state.do_set_current_image
         self.state, self.choose = state, choose
         self.in_step = False
         self.mode, self.notice = mode, notice
         self.models: list = []
         self.tilings: list[VaeTiling] = []
-        self.patches = [InstancePatch(state, "do_set_current_image", self._preview)]
+        self.patches = []
         self.attach(sd_model)
 
     def attach(self, sd_model) -> None:
@@ -291,12 +324,6 @@ class LargeOutputGuard:
         self.models.append(sd_model)
         self.patches.append(InstancePatch(sd_model, "decode_first_stage", decode_first_stage))
         self.tilings.append(VaeTiling(sd_model, self.choose, self.mode, self.notice))
-
-    def _preview(self):
-        latent = self.state.current_latent
-        if isinstance(latent, torch.Tensor):
-            self.state.current_latent = shrink_latent(latent)
-        return self._set_preview()
 
     def _decode(self, decode_first_stage, z, *args, **kwargs):
         if self.in_step and isinstance(z, torch.Tensor) and z.dim() == 4:

@@ -102,7 +102,8 @@ class Job:
         self.unsupported: str | None = None  # why ScaleCrafter cannot run on self.model, where it cannot
         self.hooks: list = []      # this pass's hooks
         self.armed: tuple | None = None  # (latent size, CFG denoiser, infotext key) of this pass's ScaleCrafter
-        self.guard: decoding.LargeOutputGuard | None = None  # for all of p.sample: previews and decodes
+        self.guard: decoding.LargeOutputGuard | None = None  # for all of p.sample: decodes and in-step previews
+        self.previews: decoding.LivePreviewShrink | None = None  # from p.sample until postprocess
         original_sample = p.sample
         self.run = DemoFusionRun(p, self, original_sample) if settings.method == DF else None
 
@@ -116,6 +117,9 @@ class Job:
                     from modules import shared
                     self.guard = decoding.LargeOutputGuard(p.sd_model, shared.state,
                                                           notice=lambda: decoding.note_tiled_vae(p))
+                    if self.previews is None or not self.previews.installed:
+                        self.previews = decoding.LivePreviewShrink(shared.state)
+                        _live_hooks.add(self.previews)
                     _live_hooks.add(self.guard)
                     for loaded in _loaded_models():
                         self.guard.attach(loaded)
@@ -123,6 +127,9 @@ class Job:
                 if self.run is not None and self.info is not None:
                     return self.run(*args, **kwargs)
                 return original_sample(*args, **kwargs)
+            except BaseException:
+                self._remove_previews()  # no post_sample or postprocess follows
+                raise
             finally:
                 self.end_pass()
                 self._remove_guard()
@@ -316,9 +323,16 @@ class Job:
             _live_hooks.discard(self.guard)
             self.guard = None
 
+    def _remove_previews(self) -> None:
+        if self.previews is not None:
+            self.previews.remove()
+            _live_hooks.discard(self.previews)
+            self.previews = None
+
     def finish(self) -> None:
         self.end_pass()
         self._remove_guard()
+        self._remove_previews()
 
 
 OWN_INFOTEXT_PREFIXES = (TITLE, "ScaleCrafter ", "DemoFusion ")  # every key the extension writes starts so
