@@ -124,6 +124,7 @@ class ScaleFusionScript(scripts.Script):
 
 
 script_callbacks.on_cfg_denoiser(job.on_cfg_denoiser)
+script_callbacks.on_model_loaded(job.on_model_loaded)  # a Hires checkpoint or refiner loaded inside p.sample
 script_callbacks.on_ui_settings(lambda: options.register(shared))
 # The API-only server builds the script UIs before on_before_ui fires, so the axes are added now as well
 # (the X/Y/Z script, in the WebUI's own scripts folder, is loaded before any extension).

@@ -9,8 +9,8 @@ from tools.kdiffusion_compat import load_k_diffusion
 from tools.tiny_ldm import TinyLatentDiffusion
 from tools.unet_factory import build_unet
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-PRESETS_JSON = SHARED / "reference" / "scalecrafter-presets.json"
+# The official ScaleCrafter tables, carried by the repository (tests/data/README.md says where they come from).
+PRESETS_JSON = Path(__file__).resolve().parent / "data" / "scalecrafter-presets.json"
 
 # Random weights can push SiLU/softmax into denormal floats, which CPUs process ~100x slower.
 torch.set_flush_denormal(True)
@@ -36,7 +36,7 @@ def k_diffusion():
 @pytest.fixture(scope="session")
 def official_presets():
     if not PRESETS_JSON.exists():
-        pytest.fail(f"{PRESETS_JSON} is missing: run the tests with ../shared beside the repository")
+        pytest.fail(f"{PRESETS_JSON} is missing from the checkout")
     return json.loads(PRESETS_JSON.read_text())
 
 

@@ -88,10 +88,24 @@ def final_weights(conv) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-class FakeBackend:
-    """``backend.operations`` and ``calc_cond_uncond_batch`` in ``sys.modules`` for one ``with`` block."""
+class ProgressState:
+    """``shared.state``'s live-preview side: ``do_set_current_image`` decodes ``current_latent`` (here: records
+    its shape)."""
 
-    NAMES = ("backend", "backend.operations", "backend.sampling", "backend.sampling.sampling_function")
+    def __init__(self):
+        self.current_latent, self.previewed = None, []   # previewed: (latent shape, through an instance patch)
+
+    def do_set_current_image(self):
+        self.previewed.append((tuple(self.current_latent.shape), "do_set_current_image" in vars(self)))
+
+
+class FakeBackend:
+    """``backend.operations``, ``calc_cond_uncond_batch``, ``backend.memory_management`` (64 GiB free),
+    ``backend.nn.vae`` (a posterior whose sample is its mean) and ``modules.shared`` (``state``: a
+    :class:`ProgressState`; ``opts``) in ``sys.modules`` for one ``with`` block."""
+
+    NAMES = ("backend", "backend.operations", "backend.sampling", "backend.sampling.sampling_function",
+             "backend.memory_management", "backend.nn", "backend.nn.vae", "modules", "modules.shared")
 
     def __enter__(self):
         self.saved = {name: sys.modules.get(name) for name in self.NAMES}
@@ -103,8 +117,19 @@ class FakeBackend:
         backend.sampling = types.ModuleType("backend.sampling")
         backend.sampling.sampling_function = types.ModuleType("backend.sampling.sampling_function")
         backend.sampling.sampling_function.calc_cond_uncond_batch = lambda *a: calc_cond_uncond_batch(*a)
+        backend.memory_management = types.ModuleType("backend.memory_management")
+        backend.memory_management.get_free_memory = lambda device=None: 64 * 2 ** 30
+        backend.memory_management.load_model_gpu = lambda patcher: None
+        backend.nn = types.ModuleType("backend.nn")
+        backend.nn.vae = types.ModuleType("backend.nn.vae")
+        backend.nn.vae.DiagonalGaussianDistribution = MeanPosterior
+        modules = types.ModuleType("modules")
+        modules.__path__ = []
+        modules.shared = types.ModuleType("modules.shared")
+        modules.shared.state = self.state = ProgressState()
+        modules.shared.opts = self.opts = SimpleNamespace(data={})
         for name in self.NAMES:
-            sys.modules[name] = eval(name, {"backend": backend})
+            sys.modules[name] = eval(name, {"backend": backend, "modules": modules})
         EVENTS.clear()
         return self
 
@@ -214,20 +239,88 @@ def conds(tensor):
     return [{"model_conds": {"c_crossattn": tensor}}]
 
 
+class MeanPosterior:
+    """``backend.nn.vae.DiagonalGaussianDistribution`` with the sample of a deterministic test: the mean."""
+
+    def __init__(self, moments):
+        self.mean = moments.chunk(2, dim=1)[0]
+
+    def sample(self):
+        return self.mean
+
+
+class FakeVaePatcher:
+    def __init__(self):
+        self.model_options = {}
+
+    def clone(self):
+        other = FakeVaePatcher()
+        other.model_options = copy.deepcopy(self.model_options)
+        return other
+
+
+class FakeForgeVae:
+    """backend.patcher.vae.VAE's decode/encode plumbing: the wrappers in the patcher's model_options get the inner
+    functions; decode_inner returns B, H, W, 3 in [0, 1]; encode_inner takes that layout. The first-stage model
+    is IntegratedAutoencoderKL-shaped (decoder, encoder, post_quant_conv, quant_conv; the factories keep their
+    1x1 convs inside the halves, so those two are None here). ``inner_calls`` (shared by clones): what reached
+    Forge's own whole-image decode and encode."""
+
+    DECODE, ENCODE = "model_vae_decode_wrapper", "model_vae_encode_wrapper"
+
+    def __init__(self, model=None, patcher=None):
+        self.first_stage_model = model
+        self.vae_dtype, self.device, self.output_device = torch.float32, torch.device("cpu"), torch.device("cpu")
+        self.patcher = patcher or FakeVaePatcher()
+        self.inner_calls = []
+
+    def clone(self):
+        other = FakeForgeVae(self.first_stage_model, self.patcher.clone())
+        other.inner_calls = self.inner_calls
+        return other
+
+    def decode_inner(self, samples):
+        self.inner_calls.append(("decode", tuple(samples.shape[-2:])))
+        x = self.first_stage_model.decoder(samples)
+        return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
+
+    def decode(self, samples):
+        wrapper = self.patcher.model_options.get(self.DECODE)
+        return self.decode_inner(samples) if wrapper is None else wrapper(self.decode_inner, samples)
+
+    def encode_inner(self, pixels):
+        self.inner_calls.append(("encode", tuple(pixels.shape[1:3])))
+        return MeanPosterior(self.first_stage_model.encoder(2.0 * pixels.movedim(-1, 1) - 1.0)).sample()
+
+    def encode(self, pixels):
+        wrapper = self.patcher.model_options.get(self.ENCODE)
+        return self.encode_inner(pixels) if wrapper is None else wrapper(self.encode_inner, pixels)
+
+
+def tiny_first_stage():
+    """A random-weight VAE with the real decoder/encoder layout, an eighth of its width."""
+    from tools.vae_factory import build_decoder, build_encoder
+
+    model = torch.nn.Module()
+    model.decoder, model.encoder = build_decoder(0.125, seed=8), build_encoder(0.125, seed=9)
+    model.post_quant_conv = model.quant_conv = None
+    return model
+
+
 class ForgeObjects:
-    def __init__(self, unet):
-        self.unet = unet
+    def __init__(self, unet, vae=None):
+        self.unet, self.vae = unet, vae if vae is not None else FakeForgeVae()
 
     def shallow_copy(self):
-        return ForgeObjects(self.unet)
+        return ForgeObjects(self.unet, self.vae)
 
 
 class FakeForgeModel:
     """A ``ForgeDiffusionEngine`` (SD1): ``forge_objects`` and the two copies Forge resets them from."""
 
-    def __init__(self, unet, name="tiny-forge", *, family="sd1", legacy=True):
+    def __init__(self, unet, name="tiny-forge", *, family="sd1", legacy=True, vae=None):
         patcher = FakeUnetPatcher(FakeKModel(unet))
-        self.forge_objects = ForgeObjects(patcher)
+        self.forge_objects = ForgeObjects(patcher, vae)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
         self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = family == "sd1", family == "sd2", family == "sdxl", False
@@ -244,7 +337,7 @@ class FakeForgeTxt2Img:
     step runs ``sampling_function_inner`` with ``sd_model.forge_objects.unet`` as it is when sampling starts."""
 
     def __init__(self, model: FakeForgeModel, *, width=128, height=128, steps=2, enable_hr=False, hr_scale=2,
-                 cfg_scale=7.0, seed=3, scripts=(), fail_at_step=None):
+                 cfg_scale=7.0, seed=3, scripts=(), fail_at_step=None, hr_upscaler="latent", init_image=None):
         self.sd_model = model
         self.width, self.height, self.steps, self.cfg_scale = width, height, steps, cfg_scale
         self.enable_hr, self.is_hr_pass = enable_hr, False
@@ -253,6 +346,8 @@ class FakeForgeTxt2Img:
         self.refiner_checkpoint_info, self.refiner_switch_at = None, None
         self.scripts = list(scripts)   # other extensions' process_before_every_sampling(p), run after ours
         self.fail_at_step = fail_at_step
+        self.hr_upscaler, self.init_image = hr_upscaler, init_image  # "latent" or "image"; B, H, W, 3 in [0, 1]
+        self.init_latent = self.decoded = None
         gen = torch.Generator().manual_seed(seed)
         self.cond, self.uncond = torch.randn(1, 7, 32, generator=gen), torch.randn(1, 7, 32, generator=gen)
         self.noise = torch.randn(1, 4, height // 8, width // 8, generator=gen)
@@ -266,6 +361,19 @@ class FakeForgeTxt2Img:
         for script in self.scripts:
             script(self)
 
+    def init(self, *args):
+        """``p.init``: img2img's encodes its init images here (``images_tensor_to_samples`` on the objects of the
+        moment), before the batch loop resets ``forge_objects``."""
+        if self.init_image is not None:
+            self.init_latent = self.sd_model.forge_objects.vae.encode(self.init_image)
+
+    def _preview(self, x):
+        """The sampler's ``store_latent`` and the progress thread's preview of it."""
+        state = sys.modules["modules.shared"].state
+        state.current_latent = x
+        state.do_set_current_image()
+        assert state.current_latent is x  # the sampler's latent is its own again after the preview
+
     def _sample(self, x):
         patcher = self.sd_model.forge_objects.unet
         self.sampled_with.append(patcher)
@@ -278,6 +386,7 @@ class FakeForgeTxt2Img:
             denoised, _, _ = sampling_function_inner(patcher.model, x, s, conds(self.uncond), conds(self.cond),
                                                      self.cfg_scale, patcher.model_options)
             x = denoised + (x - denoised) * (following / sigma)  # Euler
+            self._preview(x)
         return x
 
     def sample(self, *args, **kwargs):
@@ -288,11 +397,20 @@ class FakeForgeTxt2Img:
         if not self.enable_hr:
             return samples
         self.is_hr_pass = True
-        upscaled = torch.nn.functional.interpolate(samples, size=self.hr_noise.shape[-2:], mode="nearest")
+        if self.hr_upscaler == "latent":
+            upscaled = torch.nn.functional.interpolate(samples, size=self.hr_noise.shape[-2:], mode="nearest")
+        else:  # decode_latent_batch, the upscaler, images_tensor_to_samples: before the hires pass's resets
+            with torch.no_grad():
+                images = model.forge_objects.vae.decode(samples).movedim(-1, 1)
+                images = torch.nn.functional.interpolate(images, size=(self.hr_upscale_to_y, self.hr_upscale_to_x))
+                upscaled = model.forge_objects.vae.encode(images.movedim(1, -1))
         self.process_before_every_sampling(upscaled)
         model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
         self.process_before_every_sampling(upscaled)
         samples = self._sample(0.3 * upscaled + self.hr_noise)
+        if self.hr_upscaler != "latent":  # sample_hr_pass decodes its result itself
+            with torch.no_grad():
+                self.decoded = model.forge_objects.vae.decode(samples)
         self.is_hr_pass = False
         return samples
 
@@ -307,6 +425,7 @@ def run_forge_job(p: FakeForgeTxt2Img, settings):
     if active is not None:
         active.write_infotext(p)
     try:
+        p.init()
         return p.sample()
     finally:
         if active is not None:

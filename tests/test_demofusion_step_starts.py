@@ -236,8 +236,10 @@ def test_dpm_adaptive_with_rejected_steps_gets_the_residual_once_per_step(k_diff
 
 
 def webui_restart_sampler():
-    webui = Path(os.environ.get("WEBUI_DIR", "/work/webui"))
-    path = webui / "modules" / "sd_samplers_extra.py"
+    # The WebUI's own restart sampler, read only from an install the user names: a clone tests without one.
+    if not os.environ.get("WEBUI_DIR"):
+        pytest.skip("WEBUI_DIR is not set: no WebUI install to take restart_sampler from")
+    path = Path(os.environ["WEBUI_DIR"]) / "modules" / "sd_samplers_extra.py"
     if not path.exists():
         pytest.skip(f"the WebUI's restart_sampler is not at {path}")
     spec = importlib.util.spec_from_file_location("webui_sd_samplers_extra", path)

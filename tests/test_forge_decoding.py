@@ -1,5 +1,4 @@
 """Forge's side of large outputs, on stand-ins of backend/patcher/vae.py's VAE (no Forge needed)."""
-import copy
 from types import SimpleNamespace
 
 import pytest
@@ -9,64 +8,16 @@ from lib_hires.webui.forge.decoding import (DECODE_WRAPPER, ENCODE_WRAPPER, Smal
                                       automatic_tile)
 from lib_hires.vae import shared_norm_forward
 from lib_hires.vae import PREVIEW_MAX_SIDE, default_overlap, tiled_apply
-from tools.vae_factory import build_decoder, build_encoder
-
-
-class Patcher:
-    def __init__(self):
-        self.model_options = {}
-
-    def clone(self):
-        other = Patcher()
-        other.model_options = copy.deepcopy(self.model_options)
-        return other
-
-
-class ForgeVae:
-    """backend.patcher.vae.VAE's decode/encode plumbing: the wrappers in the patcher's model_options get the inner
-    functions; decode_inner returns B, H, W, 3 in [0, 1]; encode_inner takes that layout. The first-stage model
-    is IntegratedAutoencoderKL-shaped (decoder, encoder, post_quant_conv, quant_conv; the factories keep their
-    1x1 convs inside the halves, so those two are None here)."""
-
-    def __init__(self, model=None, patcher=None):
-        self.first_stage_model = model
-        self.vae_dtype, self.device, self.output_device = torch.float32, torch.device("cpu"), torch.device("cpu")
-        self.patcher = patcher or Patcher()
-        self.inner_calls = []
-
-    def clone(self):
-        other = ForgeVae(self.first_stage_model, self.patcher.clone())
-        other.inner_calls = self.inner_calls
-        return other
-
-    def decode_inner(self, samples):
-        self.inner_calls.append(("decode", tuple(samples.shape[-2:])))
-        x = self.first_stage_model.decoder(samples)
-        return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
-
-    def decode(self, samples):
-        wrapper = self.patcher.model_options.get(DECODE_WRAPPER)
-        return self.decode_inner(samples) if wrapper is None else wrapper(self.decode_inner, samples)
-
-    def encode_inner(self, pixels):
-        self.inner_calls.append(("encode", tuple(pixels.shape[1:3])))
-        return mean_of(self.first_stage_model.encoder(2.0 * pixels.movedim(-1, 1) - 1.0), None)
-
-    def encode(self, pixels):
-        wrapper = self.patcher.model_options.get(ENCODE_WRAPPER)
-        return self.encode_inner(pixels) if wrapper is None else wrapper(self.encode_inner, pixels)
+from tests.forge_fakes import FakeForgeVae as ForgeVae, MeanPosterior, tiny_first_stage
 
 
 def mean_of(moments, regulation):
-    return moments.chunk(2, dim=1)[0]
+    return MeanPosterior(moments).sample()
 
 
 @pytest.fixture(scope="module")
 def first_stage():
-    model = torch.nn.Module()
-    model.decoder, model.encoder = build_decoder(0.125, seed=8), build_encoder(0.125, seed=9)
-    model.post_quant_conv = model.quant_conv = None
-    return model
+    return tiny_first_stage()
 
 
 def wrappers_for(vae, tile, **kwargs):
@@ -177,8 +128,9 @@ def test_previews_of_big_latents_are_shrunk_until_removed():
     state = State()
     previews = SmallPreviews(state)
     for shape in ((1, 4, 512, 384), (1, 4, 64, 64)):
-        state.current_latent = torch.randn(shape)
+        latent = state.current_latent = torch.randn(shape)
         state.do_set_current_image()
+        assert state.current_latent is latent  # the sampler's own latent, not the preview's copy
     previews.remove()
     state.current_latent = torch.randn(1, 4, 512, 384)
     state.do_set_current_image()

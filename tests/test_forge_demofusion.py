@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from lib_hires.demofusion import DemoFusionSettings, FusedDenoiser, Stage, repeat_rows, skip_residual, skip_weight
-from lib_hires.webui.forge.demofusion import (StageSampling, StageViews, ViewBatchMemory, largest_call, request_reason,
+from lib_hires.webui.demofusion_sampler import SkipResidualSteps
+from lib_hires.webui.forge.demofusion import (StageViews, ViewBatchMemory, largest_call, request_reason,
                                         unsupported_reason)
 from lib_hires.webui.forge.demofusion_views import ControlViews, ViewFunction, ViewsUnsupported, cond_indices, cond_mark
 from lib_hires.webui.forge.sdxl_size import FinalSizeModifier, ForgeSizeConditioning
@@ -355,7 +356,7 @@ def test_the_skip_residual_goes_to_each_step_start_of_forges_sampler():
     sampler = SimpleNamespace(model_wrap_cfg=cfg, func=two_evaluation_sampler)
     z_up, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     predictor = Predictor()
-    patches = StageSampling(sampler, z_up, noise, 3.0, predictor.timestep, "Heun")
+    patches = SkipResidualSteps(sampler, z_up, noise, 3.0, predictor.timestep, "Heun")
     seen = []
     forward = cfg.forward
 
@@ -365,7 +366,7 @@ def test_the_skip_residual_goes_to_each_step_start_of_forges_sampler():
         seen.append((before, x.clone(), float(sigma[0])))
         return out
 
-    cfg.forward = recording  # after StageSampling's patch: it sees the state before and after the residual
+    cfg.forward = recording  # after SkipResidualSteps' patch: it sees the state before and after the residual
     extra = {"cond": None, "uncond": None, "cond_scale": 7.0, "s_min_uncond": 0.0, "image_cond": None}
     sampler.func(cfg, torch.randn(1, 4, 8, 8), torch.tensor([3.0, 2.0, 0.0]), extra_args=extra,
                  callback=callbacks.append)

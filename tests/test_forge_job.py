@@ -21,8 +21,8 @@ from tests.forge_fakes import FakeForgeModel, FakeForgeTxt2Img, run_forge_job
 
 @pytest.fixture(autouse=True)
 def backend():
-    with forge_fakes.FakeBackend():
-        yield
+    with forge_fakes.FakeBackend() as fake:
+        yield fake
 
 
 def settings(**changes):
@@ -137,11 +137,11 @@ def test_no_base_call_where_cfg_computes_no_uncond(model):
 def test_the_hires_pass_is_armed_after_forges_second_reset(model):
     p = FakeForgeTxt2Img(model, width=128, height=128, enable_hr=True)
     armed = []
-    p.scripts = [lambda p: armed.append((p.job.active, len(webui_job._live_hooks)))]
+    p.scripts = [lambda p: armed.append((p.job.active, sorted(type(h).__name__ for h in webui_job._live_hooks)))]
     run_forge_job(p, settings())
     first, hires_before_reset, hires = armed
     assert first[0] is None  # 128 px at native 128: nothing to dilate
-    assert hires_before_reset[0] is not None and hires[0] is not None and hires[1] == 1  # one pass at a time
+    assert hires_before_reset[0] is not None and hires[0] is not None and hires[1] == ["ForgeScaleCrafterPass", "TiledVae"]  # one pass at a time
     assert hires_before_reset[0].removed and hires[0].removed
     assert "sampler_pre_cfg_function" in p.sampled_with[1].model_options
     assert "ScaleCrafter hires preset" in p.extra_generation_params
@@ -229,3 +229,73 @@ def test_post_sample_hands_the_decode_to_forges_decoding(model, monkeypatch):
     monkeypatch.setattr(forge_job.decoding, "post_sample", lambda p, ps: seen.append((p, ps)))
     job.post_sample(job.p, ps)
     assert seen == [(job.p, ps)]
+
+
+# Large outputs: the VAE and previews through Forge's call order (issue 19 §7) ------------------------------------
+
+def vae_model(backend):
+    from lib_hires.webui.decoding import TILE_OPTION
+    backend.opts.data[TILE_OPTION] = 16  # latent px: the 32-px latents below are tiled, 16-px ones are not
+    return FakeForgeModel(tiny_unet("sd1"), vae=forge_fakes.FakeForgeVae(forge_fakes.tiny_first_stage()))
+
+
+def test_img2img_init_images_are_encoded_in_tiles_on_the_objects_of_the_moment(backend):
+    model = vae_model(backend)
+    vae = model.forge_objects.vae
+    seen = []
+    hook = vae.first_stage_model.encoder.conv_in.register_forward_pre_hook(
+        lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+    image = torch.rand(1, 256, 256, 3)
+    try:
+        p = FakeForgeTxt2Img(model, width=256, height=256, steps=1, init_image=image)
+        run_forge_job(p, settings())
+    finally:
+        hook.remove()
+    assert p.init_latent.shape == (1, 4, 32, 32) and ("encode", (256, 256)) not in vae.inner_calls
+    assert seen and max(max(s) for s in seen) <= 16 * 8  # the encoder saw tiles only
+    with torch.no_grad():
+        whole = vae.encode_inner(image)
+    assert (p.init_latent - whole).abs().mean() < 0.25 * whole.abs().mean()  # the same image, up to the tiles
+    assert model.forge_objects.vae is vae and vae.patcher.model_options == {} and not webui_job._live_hooks
+    small = FakeForgeTxt2Img(model, width=128, height=128, steps=1, init_image=torch.rand(1, 128, 128, 3))
+    run_forge_job(small, settings())
+    assert vae.inner_calls[-1] == ("encode", (128, 128))  # one tile or less: Forge's own encode
+
+
+def test_an_unsupported_models_init_images_are_left_to_forge(backend):
+    model = vae_model(backend)
+    model._legacy = False  # Flux and the other transformers are refused when p.sample starts
+    p = FakeForgeTxt2Img(model, width=256, height=256, init_image=torch.rand(1, 256, 256, 3))
+    with pytest.raises(RequestError, match="not an SD1.x, SD2.x or SDXL UNet"):
+        run_forge_job(p, settings())
+    assert model.forge_objects.vae.inner_calls == [("encode", (256, 256))]
+
+
+def test_the_hires_encode_and_decode_of_a_big_image_are_tiled(backend):
+    model = vae_model(backend)
+    vae = model.forge_objects.vae
+    p = FakeForgeTxt2Img(model, width=128, height=128, enable_hr=True, hr_upscaler="image", steps=1)
+    run_forge_job(p, settings())
+    # The first pass's 16-px latent through Forge's own decode; the hires encode (under the first pass's
+    # objects, before the hires resets) and the hires decode of 32 px in tiles.
+    assert vae.inner_calls == [("decode", (16, 16))]
+    assert p.decoded.shape == (1, 256, 256, 3)
+    plain_p = FakeForgeTxt2Img(model, width=128, height=128, enable_hr=True, hr_upscaler="image", steps=1)
+    plain_p.sample()
+    assert vae.inner_calls[1:] == [("decode", (16, 16)), ("encode", (256, 256)), ("decode", (32, 32))]
+    assert model.forge_objects.vae is vae and model.forge_objects_after_applying_lora.vae is vae
+    assert vae.patcher.model_options == {} and not webui_job._live_hooks
+
+
+def test_previews_are_shrunk_while_a_job_samples_and_never_after(backend, model):
+    p = FakeForgeTxt2Img(model, width=256, height=256)
+    run_forge_job(p, settings())
+    assert backend.state.previewed and all(patched for _, patched in backend.state.previewed)
+    assert "do_set_current_image" not in vars(backend.state)
+    backend.state.previewed.clear()
+    failing = FakeForgeTxt2Img(model, width=256, height=256, fail_at_step=1)
+    with pytest.raises(RuntimeError, match="the sampler failed"):
+        run_forge_job(failing, settings())
+    assert "do_set_current_image" not in vars(backend.state) and not webui_job._live_hooks
+    plain(model, width=256, height=256)
+    assert backend.state.previewed[-1] == ((1, 4, 32, 32), False)  # a plain job's previews are Forge's own

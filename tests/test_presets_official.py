@@ -1,6 +1,6 @@
 """resolve_dilations must reproduce every official ScaleCrafter config at every official timestep.
 
-Expected values are computed here straight from ../shared/reference/scalecrafter-presets.json (the
+Expected values are computed here straight from tests/data/scalecrafter-presets.json (the
 layer tables of the official repository re-keyed to WebUI module paths) with the official schedule.
 """
 import json
@@ -12,7 +12,7 @@ import torch
 from lib_hires.scalecrafter import ScaleCrafterSettings, build_plan, redilate, resolve_dilations
 from tests.conftest import PRESETS_JSON, tiny_unet
 
-_DATA = json.loads(PRESETS_JSON.read_text()) if PRESETS_JSON.exists() else {}
+_DATA = json.loads(PRESETS_JSON.read_text())  # in the checkout: a missing file is an error, not a skip
 CONFIGS = [(fam, res) for fam in ("sd1", "sd2", "sdxl") for res in _DATA.get(fam, {})]
 TIMESTEPS = [981 - 20 * i for i in range(50)]
 

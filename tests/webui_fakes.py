@@ -10,7 +10,12 @@ dropping the inner model wrapper), the ``on_cfg_denoiser`` callback, one batched
 ``last_noise_uncond``, ``combine_denoised`` with ``cond_scale * cond_scale_miltiplier``, then ``store_latent``'s
 in-step preview (decoded there when ``parallel_processing_allowed`` is False, as under --medvram/--lowvram).
 A model switch either swaps in another model object (``sd_checkpoints_limit >= 2`` or another config) or loads the
-other checkpoint's weights into the same object (``sd_checkpoints_limit == 1``, same config).
+other checkpoint's weights into the same object (``sd_checkpoints_limit == 1``, same config); both fire
+``script_callbacks.on_model_loaded`` (``sd_models.load_model`` / ``reload_model_weights``), while a switch to a model
+already kept loaded (``model_data.loaded_sd_models``, ``reuse_model_from_already_loaded``) fires none.
+A Hires. fix pass with a pixel upscaler decodes the first pass on its model, then, after the switch and before
+``process_before_every_sampling``, encodes the upscaled images on the hires model (``images_tensor_to_samples``);
+with a latent upscaler and ``inpainting_mask_weight < 1`` it decodes the upscaled latent there instead.
 """
 from __future__ import annotations
 
@@ -35,12 +40,24 @@ class FakeModel:
         self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3 = family == "sd1", family == "sd2", family == "sdxl", False
         self.parameterization = "eps"
         self.sd_checkpoint_info = SimpleNamespace(name_for_extra=name)
-        self.first_stage_model = SimpleNamespace(dtype=torch.float32, decoder=FakeDecoder())
+        self.first_stage_model = SimpleNamespace(dtype=torch.float32, decoder=FakeDecoder(), encoder=FakeEncoder())
 
     @property
     def decoded(self) -> list[tuple[int, int]]:
         """The latent sizes the VAE decoder saw (tiles, where the job tiles the decode)."""
         return self.first_stage_model.decoder.seen
+
+    @property
+    def encoded(self) -> list[tuple[int, int]]:
+        """The image sizes the VAE encoder saw (tiles, where the job tiles the encode)."""
+        return self.first_stage_model.encoder.seen
+
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encoder(x)
+
+    @staticmethod
+    def get_first_stage_encoding(moments):
+        return moments
 
     def apply_model(self, x, t, cond):
         return self.ldm.apply_model(x, t, cond["c_crossattn"][0])
@@ -60,6 +77,19 @@ class FakeDecoder(torch.nn.Module):
     def forward(self, z):
         self.seen.append(tuple(z.shape[-2:]))
         return F.interpolate(z[:, :3], scale_factor=8, mode="nearest")
+
+
+class FakeEncoder(torch.nn.Module):
+    """The VAE encoder module that ``encode_first_stage`` runs: 8x8 means of the image, 4 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        pooled = F.avg_pool2d(x, 8)
+        return torch.cat([pooled, pooled.mean(1, keepdim=True)], 1)
 
 
 def perturbed(model: FakeModel, name: str, *, family: str = "sd1", seed: int = 1) -> FakeModel:
@@ -93,7 +123,7 @@ class TinyTAESD(torch.nn.Module):
         return torch.zeros(z.shape[0], 3, 8 * z.shape[-2], 8 * z.shape[-1])
 
 
-MODULES = ("shared", "devices", "sd_unet", "sd_vae_taesd", "sd_vae_approx", "lowvram")
+MODULES = ("shared", "devices", "sd_unet", "sd_vae_taesd", "sd_vae_approx", "lowvram", "sd_models")
 
 
 class FakeWebUI:
@@ -120,6 +150,8 @@ class FakeWebUI:
         self.lowvram = types.ModuleType("modules.lowvram")
         self.lowvram.enabled = False
         self.lowvram.is_enabled = lambda sd_model: self.lowvram.enabled
+        self.sd_models = types.ModuleType("modules.sd_models")
+        self.sd_models.model_data = SimpleNamespace(loaded_sd_models=[model])
         self.package = types.ModuleType("modules")
         self.package.__path__ = []
         for name in MODULES:
@@ -139,16 +171,28 @@ class FakeWebUI:
     def sd_model(self) -> FakeModel:
         return self.shared.sd_model
 
+    @property
+    def loaded(self) -> list:
+        return self.sd_models.model_data.loaded_sd_models
+
     def reload_model_weights(self, checkpoint: FakeModel, *, same_object: bool) -> None:
-        """``sd_models.reload_model_weights(info=...)``."""
+        """``sd_models.reload_model_weights(info=...)``: the model-loaded callback fires for a model loaded or
+        loaded into, not for a switch to one already loaded."""
+        from lib_hires.webui import job
+
         if checkpoint is None or checkpoint is self.sd_model:
             return
         if not same_object:
+            already_loaded = any(m is checkpoint for m in self.loaded)
             self.shared.sd_model = checkpoint
+            self.loaded[:] = [checkpoint, *(m for m in self.loaded if m is not checkpoint)]
+            if not already_loaded:
+                job.on_model_loaded(checkpoint)  # load_model
             return
         current = self.sd_model
         current.model.diffusion_model.load_state_dict(checkpoint.model.diffusion_model.state_dict())
         current.sd_checkpoint_info = checkpoint.sd_checkpoint_info
+        job.on_model_loaded(current)  # reload_model_weights, after load_model_weights
 
 
 class InnerModel:
@@ -266,13 +310,14 @@ class FakeTxt2Img:
 
     def __init__(self, webui: FakeWebUI, k_diffusion, *, width=128, height=128, steps=2, enable_hr=False,
                  hr_scale=2, hr_checkpoint: FakeModel | None = None, hr_same_object=False, seed=3, cfgpp=False,
-                 skip_uncond=False):
+                 skip_uncond=False, hr_upscaler="Latent", inpainting_mask_weight=1.0):
         self.sampler_options = dict(cfgpp=cfgpp, skip_uncond=skip_uncond)
         self.webui, self.k_diffusion = webui, k_diffusion
         self.width, self.height, self.steps = width, height, steps
         self.enable_hr, self.is_hr_pass = enable_hr, False
         self.hr_upscale_to_x, self.hr_upscale_to_y = width * hr_scale, height * hr_scale
         self.hr_checkpoint, self.hr_same_object = hr_checkpoint, hr_same_object
+        self.hr_upscaler, self.inpainting_mask_weight = hr_upscaler, inpainting_mask_weight
         self.extra_generation_params: dict = {}
         self.cfg_scale = 7.0
         gen = torch.Generator().manual_seed(seed)
@@ -306,10 +351,20 @@ class FakeTxt2Img:
         samples = self.sampler.sample(self, self.noise, self.steps)
         if not self.enable_hr:
             return samples
+        pixel = not self.hr_upscaler.startswith("Latent")
+        if pixel:  # decode_latent_batch on the first pass's model
+            images = torch.cat([self.sd_model.decode_first_stage(samples[i:i + 1]) for i in range(samples.shape[0])])
         self.webui.reload_model_weights(self.hr_checkpoint, same_object=self.hr_same_object)
         self.is_hr_pass = True
         self.sampler = FakeSampler(self.webui, self.k_diffusion, **self.sampler_options)
-        upscaled = F.interpolate(samples, size=self.hr_noise.shape[-2:], mode="bilinear", align_corners=False)
+        size = self.hr_noise.shape[-2:]
+        if pixel:  # images.resize_image, then images_tensor_to_samples on the hires model
+            upscaled_images = F.interpolate(images, size=(8 * size[0], 8 * size[1]), mode="nearest")
+            upscaled = self.sd_model.get_first_stage_encoding(self.sd_model.encode_first_stage(upscaled_images))
+        else:
+            upscaled = F.interpolate(samples, size=size, mode="bilinear", align_corners=False)
+            if self.inpainting_mask_weight < 1.0:  # img2img_image_conditioning(decode_first_stage(...))
+                self.sd_model.decode_first_stage(upscaled)
         self.process_before_every_sampling(upscaled)
         samples = self.sampler.sample(self, 0.3 * upscaled / 8 + self.hr_noise, self.steps)
         decoded = [self.sd_model.decode_first_stage(samples[i:i + 1]) for i in range(samples.shape[0])]

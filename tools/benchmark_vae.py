@@ -2,7 +2,7 @@
 
     python -m tools.benchmark_vae --quick                           # CPU: 1024², 2048², 4096² in bounded time
     python -m tools.benchmark_vae --sizes 1024 --tile 64            # a size where tiles and a whole pass both run
-    python -m tools.benchmark_vae --device cuda --sizes 1024 2048 4096 --modes whole shared   # GPU, see README
+    python -m tools.benchmark_vae --device cuda --sizes 1024 2048 4096 --modes whole shared   # GPU, see docs/benchmarks.md
     python -m tools.benchmark_vae --parked-table                    # parked host memory at full width, no passes
 
 For each output size and each half of the VAE (``tools.vae_factory``: random weights, the real layout;

@@ -39,6 +39,7 @@ from .instance_patch import InstancePatch
 from .messages import log
 from .model_info import ModelInfo
 from .sdxl_conditioning import SizeConditioning
+from .stage_conditioning import LaterStageConds
 
 def engine_settings(settings: ScaleFusionSettings, info: ModelInfo) -> DemoFusionSettings:
     window = info.window
@@ -115,32 +116,22 @@ def sampler_reason(p) -> str | None:
     return None
 
 
-class StageSampling:
-    """The instance patches of one later stage on ``p.sampler``; ``remove()`` undoes them."""
+class SkipResidualSteps:
+    """The skip residual written into ``x`` at every step start of one sampler run, in both WebUIs: the sampler's
+    function is probed for its step starts with the very arguments it is called with, and its CFG denoiser's
+    ``forward`` applies the residual there (instance patches; ``remove()`` undoes them)."""
 
-    def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator | None,
-                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt,
-                 sampler_name: str | None = None, refiner: RefinerSwitch | None = None,
-                 size_cond_for=None):
-        self.sampler = p.sampler
-        self.cfg = p.sampler.model_wrap_cfg
-        self.inner = self.cfg.inner_model
-        self.z_up, self.noise = z_up, noise
-        self.cosine_scale_1 = settings.cosine_scale_1
+    def __init__(self, sampler, z_up, noise, cosine_scale_1: float, sigma_to_t=None, sampler_name: str | None = None):
+        self.sampler, self.cfg = sampler, sampler.model_wrap_cfg
+        self.z_up, self.noise, self.cosine_scale_1 = z_up, noise, cosine_scale_1
+        if sigma_to_t is not None:
+            self.sigma_to_t = sigma_to_t
         self.steps: StepStarts | None = None  # the step starts of the sampler run in progress
-        self.call = None     # the model call view_cond serves (before_call sees it first)
-        self.size_cond, self.hints, self.check_interrupt = size_cond, hints, check_interrupt
-        self.refiner, self.size_cond_for = refiner, size_cond_for
-        self.fuse = lambda inner: FusedDenoiser.from_settings(inner.forward, settings, dilation=stage.dilation,
-                                                              sigma_to_t=inner.sigma_to_t, jitter=jitter,
-                                                              view_cond=self._view_cond, before_call=self._before_call)
-        self.fused = self.fuse(self.inner)
-        self._cfg_forward, self._func = self.cfg.forward, self.sampler.func
+        self._cfg_forward, self._func = self.cfg.forward, sampler.func
         self.sampler_name = sampler_name or getattr(self._func, "__name__", "the sampler")
         self.patches = [InstancePatch(self.cfg, "forward", self._forward),
-                        InstancePatch(self.sampler, "func", functools.wraps(self._func)(
-                            lambda *args, **kwargs: self._run(*args, **kwargs))),
-                        InstancePatch(self.inner, "forward", self.fused)]
+                        InstancePatch(sampler, "func", functools.wraps(self._func)(
+                            lambda *args, **kwargs: self._run(*args, **kwargs)))]
 
     def _run(self, *args, **kwargs):
         """The sampler function itself: probed for its step starts with these very arguments, then run. It keeps
@@ -152,14 +143,44 @@ class StageSampling:
         finally:
             self.steps = None
 
+    def _forward(self, x, sigma, *args, **kwargs):
+        if self.steps is not None and self.steps.is_start(x):
+            c1 = skip_weight(self.sigma_to_t(sigma), self.cosine_scale_1)
+            x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
+            self.steps.applied(x)
+        return self._cfg_forward(x, sigma, *args, **kwargs)
+
+    def remove(self) -> None:
+        for patch in reversed(self.patches):
+            patch.remove()
+
+
+class StageSampling(SkipResidualSteps):
+    """The instance patches of one later stage on ``p.sampler``: the skip residual, the views on the inner
+    model, the refiner's switch in the final stage; ``remove()`` undoes them."""
+
+    def __init__(self, p, stage: Stage, settings: DemoFusionSettings, z_up, noise, jitter: torch.Generator | None,
+                 size_cond: SizeConditioning | None, hints: StageHints | None, check_interrupt,
+                 sampler_name: str | None = None, refiner: RefinerSwitch | None = None,
+                 size_cond_for=None):
+        self.inner = p.sampler.model_wrap_cfg.inner_model
+        self.call = None     # the model call view_cond serves (before_call sees it first)
+        self.size_cond, self.hints, self.check_interrupt = size_cond, hints, check_interrupt
+        self.refiner, self.size_cond_for = refiner, size_cond_for
+        self.fuse = lambda inner: FusedDenoiser.from_settings(inner.forward, settings, dilation=stage.dilation,
+                                                              sigma_to_t=inner.sigma_to_t, jitter=jitter,
+                                                              view_cond=self._view_cond, before_call=self._before_call)
+        self.fused = self.fuse(self.inner)
+        super().__init__(p.sampler, z_up, noise, settings.cosine_scale_1, sampler_name=sampler_name)
+        self.patches.append(InstancePatch(self.inner, "forward", self.fused))
+
+    def sigma_to_t(self, sigma):
+        return self.inner.sigma_to_t(sigma)  # the refiner's, once the switch has happened
+
     def _forward(self, x, sigma, **kwargs):
         if self.refiner is not None and self.refiner(sigma):
             self._follow_the_refiner(kwargs)
-        if self.steps is not None and self.steps.is_start(x):
-            c1 = skip_weight(self.inner.sigma_to_t(sigma), self.cosine_scale_1)
-            x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
-            self.steps.applied(x)
-        return self._cfg_forward(x, sigma, **kwargs)
+        return super()._forward(x, sigma, **kwargs)
 
     def _follow_the_refiner(self, kwargs: dict) -> None:
         """The WebUI just switched to the refiner: this call and the rest run its inner model through the views,
@@ -183,10 +204,6 @@ class StageSampling:
         if self.size_cond is not None and "cond" in args:
             args["cond"] = self.size_cond.edit_cond(args["cond"], crops)
         return args
-
-    def remove(self) -> None:
-        for patch in reversed(self.patches):
-            patch.remove()
 
 
 def img2img_noise(p, noise):
@@ -215,6 +232,19 @@ class FinalSizeConditioning:
 
 
 JITTER_SEED = 0x5CA1E  # views are shared by all images of a batch, so their jitter cannot follow each image's seed
+
+
+class _FirstStageConds:
+    """Stage 1's conditioning, kept for the later stages where a WebUI adapter does not rebuild it."""
+
+    def __init__(self, c, uc):
+        self.c, self.uc = c, uc
+
+    def install(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
 
 
 class StagedRun:
@@ -264,6 +294,90 @@ class StagedRun:
         state.job_count *= len(self.plan.stages)
         state.processing_has_refined_job_count = True
 
+    # The stage loop, the same in both WebUIs; each run says where it hooks: ----------------------------------
+    # _size_conditioning (SDXL's final size), _end_first_stage, _begin_later_stages / _end_later_stages,
+    # _save_stage and _sample_stage (one later stage through the WebUI's sampler).
+
+    def _stages(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        from modules import shared
+
+        p, settings, info = self.p, self.job.settings, self.job.info
+        engine = engine_settings(settings, info)
+        self.plan = stage_plan(settings, info, p.width, p.height)
+        p.extra_generation_params["DemoFusion final size"] = f"{self.plan.final.width}x{self.plan.final.height}"
+        self._refine_job_count()
+        self.size_cond = self._size_conditioning() if getattr(p.sd_model, "is_sdxl", False) else None
+        log(self.plan.describe(engine.view_batch))
+
+        # Made with stage 1's, where the WebUI makes its own (with a lowvram model the text encoder is at hand)
+        later = self._later_stage_conds(conditioning, unconditional_conditioning)
+        self.stage = self.plan.stages[0]
+        shared.state.textinfo = self._progress_text(self.stage)
+        if self.is_img2img:
+            z = p.init_latent
+        else:
+            z = self.original_sample(conditioning=conditioning, unconditional_conditioning=unconditional_conditioning,
+                                     seeds=seeds, subseeds=subseeds, subseed_strength=subseed_strength,
+                                     prompts=prompts)
+        self._end_first_stage()
+        anchor = row_stats(z)
+        self._begin_later_stages()
+        jitter = torch.Generator().manual_seed(JITTER_SEED)
+        later.install()
+        try:
+            for stage in self.plan.stages[1:]:
+                if self._stopped():
+                    break
+                if settings.save_stages and not p.do_not_save_samples and not (self.is_img2img and self.stage.index == 1):
+                    self._save_stage(z, self.stage.index)
+                shared.state.nextjob()
+                self.stage = stage
+                shared.state.textinfo = self._progress_text(stage)
+                z = self._sample_stage(stage, z, later.c, later.uc, engine, jitter)
+                if not self._stopped():
+                    z = restandardize(z, *anchor)
+        finally:
+            later.remove()
+            self._end_later_stages()
+        return z
+
+    def _size_conditioning(self):
+        """SDXL: what puts the final size in the size conditioning of the stages' calls; None where it cannot."""
+        raise NotImplementedError
+
+    def _end_first_stage(self) -> None:
+        self.job.end_pass()
+
+    def _later_stage_conds(self, c, uc):
+        """The later stages' ``c``/``uc`` (``.c``, ``.uc``, ``install()``, ``remove()``): stage 1's here."""
+        return _FirstStageConds(c, uc)
+
+    def _begin_later_stages(self) -> None:
+        pass
+
+    def _end_later_stages(self) -> None:
+        pass
+
+    def _save_stage(self, z, index: int) -> None:
+        raise NotImplementedError
+
+    def _sample_stage(self, stage: Stage, z, c, uc, engine: DemoFusionSettings, jitter: torch.Generator):
+        raise NotImplementedError
+
+    def _stage_start(self, stage: Stage, z):
+        """A later stage's inputs, made alike in both WebUIs: ``z`` upsampled, its noise (the job's seeds at the
+        stage's size, scaled as img2img scales it), a fresh sampler on ``p``, the image conditioning."""
+        from modules import rng, sd_samplers
+
+        p = self.p
+        z_up = upsample_latent(z, stage.latent_size)
+        p.rng = rng.ImageRNG(z_up.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
+                             seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
+        noise = img2img_noise(p, p.rng.next()) if self.is_img2img else p.rng.next()
+        p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
+        image_conditioning = p.txt2img_image_conditioning(z_up, stage.width, stage.height)
+        return z_up, noise, image_conditioning
+
 
 class DemoFusionRun(StagedRun):
     """Takes the place of ``p.sample`` for one job (installed in ``before_process``, so ControlNet wraps it)."""
@@ -274,6 +388,7 @@ class DemoFusionRun(StagedRun):
         self.stage: Stage | None = None          # the stage being sampled; Job.start_pass reads it
         self.size_cond: SizeConditioning | None = None
         self.refiner_hold: RefinerHold | None = None  # the refiner waits for the final stage
+        self.hints: StageHints | None = None     # the ControlNet hints of the later stages
 
     def __call__(self, *args, **kwargs):
         self.refiner_hold = RefinerHold(self.p) if refiner_of(self.p) is not None else None
@@ -283,51 +398,28 @@ class DemoFusionRun(StagedRun):
             if self.refiner_hold is not None:
                 self.refiner_hold.remove()
 
-    def _stages(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
-        from modules import shared
+    def _size_conditioning(self) -> SizeConditioning | None:
+        size_cond = SizeConditioning(self.p.sd_model, self.plan.final.width, self.plan.final.height)
+        if size_cond.available:
+            return size_cond
+        log("warning: this SDXL model's vector conditioning has no size embeddings at its end; "
+            "views keep the WebUI's size conditioning")
+        return None
 
-        p, settings, info = self.p, self.job.settings, self.job.info
-        engine = engine_settings(settings, info)
-        self.plan = stage_plan(settings, info, p.width, p.height)
-        p.extra_generation_params["DemoFusion final size"] = f"{self.plan.final.width}x{self.plan.final.height}"
-        self._refine_job_count()
-        if getattr(p.sd_model, "is_sdxl", False):
-            self.size_cond = SizeConditioning(p.sd_model, self.plan.final.width, self.plan.final.height)
-            if not self.size_cond.available:
-                log("warning: this SDXL model's vector conditioning has no size embeddings at its end; "
-                             "views keep the WebUI's size conditioning")
-                self.size_cond = None
-        log(self.plan.describe(engine.view_batch))
+    def _later_stage_conds(self, c, uc):
+        """Rebuilt for the later stages' own step count, as the hires pass rebuilds its conds."""
+        return LaterStageConds(self.p, (c, uc), self.later_start().steps or self.p.steps)
 
-        self.stage = self.plan.stages[0]
-        shared.state.textinfo = self._progress_text(self.stage)
-        if self.is_img2img:
-            z = p.init_latent
-        else:
-            z = self.original_sample(conditioning=conditioning, unconditional_conditioning=unconditional_conditioning,
-                                     seeds=seeds, subseeds=subseeds, subseed_strength=subseed_strength,
-                                     prompts=prompts)
-        self.job.end_pass()
-        anchor = row_stats(z)
-        params = control_params(p)
-        hints = StageHints(params) if params else None
-        jitter = torch.Generator().manual_seed(JITTER_SEED)
-        try:
-            for stage in self.plan.stages[1:]:
-                if self._stopped():
-                    break
-                if settings.save_stages and not p.do_not_save_samples and not (self.is_img2img and self.stage.index == 1):
-                    decoding.save_stage(p, z, self.stage.index)
-                shared.state.nextjob()
-                self.stage = stage
-                shared.state.textinfo = self._progress_text(stage)
-                z = self._sample_stage(stage, z, conditioning, unconditional_conditioning, engine, jitter, hints)
-                if not self._stopped():
-                    z = restandardize(z, *anchor)
-        finally:
-            if hints is not None:
-                hints.restore()
-        return z
+    def _begin_later_stages(self) -> None:
+        params = control_params(self.p)
+        self.hints = StageHints(params) if params else None
+
+    def _end_later_stages(self) -> None:
+        if self.hints is not None:
+            self.hints.restore()
+
+    def _save_stage(self, z, index: int) -> None:
+        decoding.save_stage(self.p, z, index)
 
     def _refiner_size_cond(self) -> SizeConditioning | None:
         """The final size in the vector rows of the refiner, when its conditioner has the size embeddings."""
@@ -337,16 +429,9 @@ class DemoFusionRun(StagedRun):
         size_cond = SizeConditioning(shared.sd_model, self.plan.final.width, self.plan.final.height)
         return size_cond if size_cond.available else None
 
-    def _sample_stage(self, stage, z, c, uc, engine, jitter, hints):
-        from modules import rng, sd_samplers
-
-        p = self.p
-        z_up = upsample_latent(z, stage.latent_size)
-        p.rng = rng.ImageRNG(z_up.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
-                             seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
-        noise = img2img_noise(p, p.rng.next()) if self.is_img2img else p.rng.next()
-        p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
-        image_conditioning = p.txt2img_image_conditioning(z_up, stage.width, stage.height)
+    def _sample_stage(self, stage, z, c, uc, engine, jitter):
+        p, hints = self.p, self.hints
+        z_up, noise, image_conditioning = self._stage_start(stage, z)
         if hints is not None:
             hints.set_stage(stage.latent_size)
         if p.scripts is not None:

@@ -4,6 +4,12 @@ The Script is thin: it hands its hooks to :func:`begin`, :meth:`Job.start_pass` 
 Nothing is installed until a pass starts, and everything a pass installs is removed when ``p.sample``
 returns or raises (the wrapper installed here) and again, idempotently, in ``postprocess`` and at the
 start of the next job, so no hook outlives the job that armed it.
+
+The decode/encode guard of ``p.sample`` follows model objects, not call sites: it is on every model that
+can sample inside ``p.sample`` — the one it starts with, every model the WebUI keeps loaded (a switch to one
+of those fires no callback), and every model loaded while it runs (:func:`on_model_loaded`: a Hires
+checkpoint, the refiner) — so an encode or decode that comes before any pass hook (the Hires. fix encode
+after a pixel upscaler) is guarded all the same.
 """
 from __future__ import annotations
 
@@ -39,6 +45,23 @@ def on_cfg_denoiser(params) -> None:
     if job is not None:
         job.follow_sampler(params)  # first: a refiner switch re-arms the pass before its params are kept
     capture_cfg_params(params)
+
+
+def on_model_loaded(sd_model) -> None:
+    """``script_callbacks.on_model_loaded`` (registered once by the Script): a model object loaded, or loaded
+    into, while a job samples gets that job's guard at once; outside a job it is left alone."""
+    job = _current.job
+    if job is not None:
+        job.follow_load(sd_model)
+
+
+def _loaded_models() -> list:
+    """The model objects the WebUI keeps loaded (``sd_checkpoints_limit``): switching to one loads nothing."""
+    try:
+        from modules import sd_models
+    except ImportError:
+        return []
+    return list(getattr(getattr(sd_models, "model_data", None), "loaded_sd_models", None) or [])
 
 
 def remove_all_hooks() -> None:
@@ -92,6 +115,8 @@ class Job:
                     from modules import shared
                     self.guard = decoding.LargeOutputGuard(p.sd_model, shared.state)
                     _live_hooks.add(self.guard)
+                    for loaded in _loaded_models():
+                        self.guard.attach(loaded)
                     _current.job = self
                 if self.run is not None and self.info is not None:
                     return self.run(*args, **kwargs)
@@ -213,6 +238,15 @@ class Job:
             self._say_vanilla(p, refiner_key, self.unsupported)
             return
         self._arm_scalecrafter(p, latent_hw, cfg_denoiser, refiner_key)
+
+    def follow_load(self, sd_model) -> None:
+        """A model object was loaded (or loaded into) inside this job's ``p.sample``: its decodes and encodes are
+        guarded from now on, and, inside a pass, the in-step preview decoder of its kind is shrunk too."""
+        if self.guard is None:
+            return
+        self.guard.attach(sd_model)
+        if any(isinstance(hook, decoding.StepPreviews) for hook in self.hooks):
+            self._watch_step_previews()  # TAESD and Approx NN have a decoder per model kind
 
     def _start_demofusion_pass(self, p, x) -> None:
         stage, redilation = self.run.stage, self.settings.redilation

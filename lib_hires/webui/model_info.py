@@ -54,18 +54,30 @@ def _layout(unet: nn.Module) -> UNetLayout:
     return _layouts[unet]
 
 
+def model_name(sd_model) -> str:
+    return getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "the loaded model"
+
+
 def describe(sd_model, native_size: int | None = None) -> ModelInfo:
     """Family, training size and UNet layout of the WebUI's model; refuses SD3 and non-UNet models.
 
     ``native_size`` (the user's setting) replaces the family's training size, for fine-tunes.
     """
-    name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "the loaded model"
     if getattr(sd_model, "is_sd3", False):
-        raise UnsupportedModelError(f"{TITLE}: {name} is an SD3 (MMDiT) model; ScaleCrafter and DemoFusion work on "
-                                    f"SD1.x, SD2.x and SDXL UNets only. Turn {TITLE} off or load another checkpoint.")
+        raise UnsupportedModelError(f"{TITLE}: {model_name(sd_model)} is an SD3 (MMDiT) model; ScaleCrafter and "
+                                    f"DemoFusion work on SD1.x, SD2.x and SDXL UNets only. Turn {TITLE} off or load "
+                                    f"another checkpoint.")
     unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    v_prediction = getattr(sd_model, "parameterization", "eps") == "v"
+    return describe_unet(sd_model, unet, "model.diffusion_model", v_prediction, native_size)
+
+
+def describe_unet(sd_model, unet, where: str, v_prediction: bool, native_size: int | None) -> ModelInfo:
+    """The part of reading a model both WebUIs share, once each has found its UNet (at ``where``, for the
+    message) and its prediction type: the layout, the family (the model's flags, else the UNet's shape)."""
+    name = model_name(sd_model)
     if unet is None:
-        raise UnsupportedModelError(f"{TITLE}: {name} has no UNet at model.diffusion_model")
+        raise UnsupportedModelError(f"{TITLE}: {name} has no UNet at {where}")
     try:
         layout = _layout(unet)
     except ValueError as error:
@@ -78,7 +90,6 @@ def describe(sd_model, native_size: int | None = None) -> ModelInfo:
         family = "sd1"
     else:
         family = infer_family(unet)
-    v_prediction = getattr(sd_model, "parameterization", "eps") == "v"
     return ModelInfo(family, native_size or training_size(family, v_prediction=v_prediction), unet, layout)
 
 

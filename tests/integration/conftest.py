@@ -1,12 +1,14 @@
 """Boots a real AUTOMATIC1111 WebUI in-process for integration tests; skipped without one.
 
-Run with the WebUI's own interpreter (it carries ldm, sgm, the LoRA extension and k-diffusion):
+Run with the WebUI's own interpreter (it carries ldm, sgm, open_clip, the LoRA extension and k-diffusion), with
+this checkout in the WebUI's extensions folder:
 
     WEBUI_DIR=/path/to/stable-diffusion-webui /path/to/stable-diffusion-webui/venv/bin/python -m pytest tests/integration
 
-The WebUI needs the tiny checkpoints and LoRAs of ../shared/fixtures/webui/models in its models folder, and this
-checkout in its extensions folder. ``WEBUI_DATA_DIR`` (optional) is passed as ``--data-dir``: a folder with its own
-``models/`` and ``extensions/``, so several checkouts can each be tested against one WebUI install.
+The tiny checkpoints, LoRAs, ControlNet and tokenizers are made from a seed before the WebUI boots
+(``fixtures.py``), into the WebUI's ``models/``, once: later runs reuse them while the generator is unchanged.
+``WEBUI_DATA_DIR`` (optional) is passed as ``--data-dir``: a folder with its own ``models/`` (where the fixtures then
+go) and ``extensions/``, so several checkouts can each be tested against one WebUI install.
 """
 import base64
 import io
@@ -43,18 +45,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def webui():
+def webui_dirs() -> tuple[Path, Path]:
+    """The WebUI checkout and its data dir (the checkout itself without WEBUI_DATA_DIR)."""
     root = Path(WEBUI_DIR).resolve()
     if not (root / "modules" / "processing.py").exists():
         pytest.fail(f"WEBUI_DIR={WEBUI_DIR} is not a stable-diffusion-webui checkout")
-    data = Path(WEBUI_DATA_DIR).resolve() if WEBUI_DATA_DIR else root
-    checkpoint = data / "models" / "Stable-diffusion" / "tiny-sd1.safetensors"
-    if not checkpoint.exists():
-        pytest.skip(f"{checkpoint} is missing: link ../shared/fixtures/webui/models into the WebUI")
+    return root, Path(WEBUI_DATA_DIR).resolve() if WEBUI_DATA_DIR else root
+
+
+def prepare_fixtures(root: Path, data: Path):
+    """The seeded fixtures in the data dir's models folder (made on first use); skips where this interpreter is
+    not the WebUI's, fails where a file of theirs is in the way."""
+    from tests.integration import fixtures
+
+    try:
+        return fixtures.ensure_fixtures(data / "models", webui_root=root)
+    except fixtures.FixtureConflict as error:
+        pytest.fail(str(error))
+    except FileNotFoundError as error:
+        pytest.skip(f"{error} (the fixtures' tokenizers are made from open_clip's CLIP merges)")
+
+
+@pytest.fixture(scope="session")
+def webui():
+    root, data = webui_dirs()
+    made = prepare_fixtures(root, data)
+    checkpoint = made.sd1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.chdir(root)  # the tiny yamls name their tokenizers relative to the WebUI root
+    os.chdir(root)  # the WebUI finds parts of itself (configs, repositories) relative to the working directory
     sys.path.insert(0, str(root))
     saved_argv = sys.argv
     data_flags = ["--data-dir", str(data)] if WEBUI_DATA_DIR else []
@@ -65,6 +84,8 @@ def webui():
         except ImportError as error:
             pytest.skip(f"the WebUI's modules do not import with {sys.executable} ({error}); use its venv")
         initialize.imports()
+        from tests.integration import fixtures
+        fixtures.register_open_clip_config(made)  # before any SDXL checkpoint is built
         initialize.initialize()
         from modules import script_callbacks
         script_callbacks.before_ui_callback()  # registers the Lora extra network, as the API server does

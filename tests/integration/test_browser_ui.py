@@ -24,7 +24,7 @@ import pytest
 from lib_hires import ui_layout
 from lib_hires.settings import FIELDS, ScaleFusionSettings
 from lib_hires.ui_layout import RAISED_LIMIT, SLIDER_LIMIT
-from tests.integration.conftest import FLAGS, REPO, WEBUI_DATA_DIR, WEBUI_DIR
+from tests.integration.conftest import FLAGS, REPO, WEBUI_DATA_DIR, prepare_fixtures, webui_dirs
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -47,16 +47,13 @@ def server(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed in this interpreter")
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    root = Path(WEBUI_DIR).resolve()
-    data = Path(WEBUI_DATA_DIR).resolve() if WEBUI_DATA_DIR else root
+    root, data = webui_dirs()
     if any(part.startswith(".") for part in data.parts):
         pytest.fail(f"{data}: the WebUI's /file= route refuses paths with a folder starting with a dot")
     linked = [p.resolve() for p in (data / "extensions").iterdir() if (p / "lib_hires").is_dir()]
     if REPO not in linked:
         pytest.fail(f"{data / 'extensions'} does not hold this checkout ({REPO}); it has {linked}")
-    checkpoint = data / "models" / "Stable-diffusion" / "tiny-sd1.safetensors"
-    if not checkpoint.exists():
-        pytest.skip(f"{checkpoint} is missing")
+    checkpoint = prepare_fixtures(root, data).sd1
     port = _free_port()
     log_path = tmp_path_factory.mktemp("webui") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -289,8 +286,7 @@ def test_paste_back_fills_the_accordion(ui, settings):
 def test_settings_page_holds_a_default_for_every_setting(ui, server):
     """Settings -> ScaleFusion: one option per setting (but "enabled"), showing the saved value or the default."""
     import json
-    data = Path(WEBUI_DATA_DIR).resolve() if WEBUI_DATA_DIR else Path(WEBUI_DIR).resolve()
-    config = data / "config.json"
+    config = webui_dirs()[1] / "config.json"
     saved = json.loads(config.read_text()) if config.exists() else {}
     ui.page.locator("#tabs > .tab-nav button", has_text="Settings").click()
     ui.page.locator("#settings .tab-nav button", has_text="ScaleFusion").click()

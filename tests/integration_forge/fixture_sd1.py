@@ -14,14 +14,12 @@ factories, torch's version), so a second run reuses the file and a changed gener
 """
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from tools import unet_factory, vae_factory
+from tools import ldm_checkpoint, unet_factory, vae_factory
 
 SEED = 20251201
 NAME_PREFIX = "scalefusion-forge-sd1"
@@ -34,88 +32,36 @@ CLIP_L = dict(vocab=49408, positions=77, width=768, layers=12, mlp=3072)
 
 
 def _generator_sources() -> list[Path]:
-    return [Path(__file__), Path(unet_factory.__file__), Path(vae_factory.__file__)]
+    return [Path(__file__), Path(ldm_checkpoint.__file__), Path(unet_factory.__file__), Path(vae_factory.__file__)]
 
 
 def fixture_hash(seed: int = SEED) -> str:
-    digest = hashlib.sha256(f"seed={seed};torch={torch.__version__}".encode())
-    for source in _generator_sources():
-        digest.update(source.read_bytes())
-    return digest.hexdigest()[:12]
+    return ldm_checkpoint.generator_digest(_generator_sources(), seed=seed)
 
 
 def fixture_name(seed: int = SEED) -> str:
     return f"{NAME_PREFIX}-{fixture_hash(seed)}.safetensors"
 
 
-def _unet_state(seed: int) -> dict[str, torch.Tensor]:
-    unet = unet_factory.randomize_(unet_factory.UNetModel(UNET), seed)
-    return {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-
-
-def _vae_state(seed: int) -> dict[str, torch.Tensor]:
-    state = {}
-    for prefix, part in (("encoder", vae_factory.build_encoder(seed=seed + 1)),
-                         ("decoder", vae_factory.build_decoder(seed=seed + 2))):
-        for k, v in part.state_dict().items():
-            # ldm's AutoencoderKL owns the 1x1 moment convs; the factories keep them inside encoder/decoder.
-            key = k if k.startswith(("quant_conv.", "post_quant_conv.")) else f"{prefix}.{k}"
-            state[f"first_stage_model.{key}"] = v
-    return state
-
-
-def _clip_state(seed: int) -> dict[str, torch.Tensor]:
-    """CLIPTextModel's parameters under the LDM prefix, initialised as transformers does (std 0.02)."""
-    gen = torch.Generator().manual_seed(seed + 3)
-    width, mlp = CLIP_L["width"], CLIP_L["mlp"]
-    root = "cond_stage_model.transformer.text_model."
-    state: dict[str, torch.Tensor] = {}
-
-    def normal(key, *shape, std=0.02):
-        state[root + key] = torch.randn(shape, generator=gen) * std
-
-    def layer_norm(key):
-        state[root + key + ".weight"] = torch.ones(width)
-        state[root + key + ".bias"] = torch.zeros(width)
-
-    normal("embeddings.token_embedding.weight", CLIP_L["vocab"], width)
-    normal("embeddings.position_embedding.weight", CLIP_L["positions"], width, std=0.01)
-    for i in range(CLIP_L["layers"]):
-        layer = f"encoder.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            normal(f"{layer}self_attn.{proj}.weight", width, width, std=0.02 / math.sqrt(2 * CLIP_L["layers"]))
-            state[f"{root}{layer}self_attn.{proj}.bias"] = torch.zeros(width)
-        normal(f"{layer}mlp.fc1.weight", mlp, width)
-        state[f"{root}{layer}mlp.fc1.bias"] = torch.zeros(mlp)
-        normal(f"{layer}mlp.fc2.weight", width, mlp, std=0.02 / math.sqrt(2 * CLIP_L["layers"]))
-        state[f"{root}{layer}mlp.fc2.bias"] = torch.zeros(width)
-        layer_norm(f"{layer}layer_norm1")
-        layer_norm(f"{layer}layer_norm2")
-    layer_norm("final_layer_norm")
-    return state
-
-
 def build_state_dict(seed: int = SEED) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        state = {**_unet_state(seed), **_vae_state(seed), **_clip_state(seed)}
-    return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+        state = {**ldm_checkpoint.unet_state(UNET, seed), **ldm_checkpoint.vae_state(seed),
+                 **ldm_checkpoint.clip_text_state("cond_stage_model.transformer.text_model.", seed=seed + 3,
+                                                  width=CLIP_L["width"], layers=CLIP_L["layers"], mlp=CLIP_L["mlp"],
+                                                  vocab=CLIP_L["vocab"], positions=CLIP_L["positions"])}
+    return ldm_checkpoint.to_dtype(state, torch.float16)
 
 
 def ensure_fixture(folder: Path, seed: int = SEED) -> Path:
     """The fixture's path in ``folder``, written once per generator version; older versions are removed."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / fixture_name(seed)
     if path.exists():
         return path
     for stale in folder.glob(f"{NAME_PREFIX}-*.safetensors"):
         stale.unlink()
-    partial = path.with_suffix(".partial")
-    save_file(build_state_dict(seed), str(partial), metadata={"generator": "scalefusion tests/integration_forge",
-                                                             "seed": str(seed)})
-    partial.replace(path)  # a run killed mid-write leaves no truncated checkpoint under the real name
-    return path
+    return ldm_checkpoint.save_safetensors(build_state_dict(seed), path, metadata={
+        "generator": "scalefusion tests/integration_forge", "seed": str(seed)})
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class VaeWrappers:
         self.vae, self.tile_for, self.mode = vae, tile_for, mode
         self.previous_decode, self.previous_encode = previous_decode, previous_encode
         self.load, self.sample_posterior = load, sample_posterior
-        self.tiled_decodes = 0  # latents decoded in tiles (for tests and logs)
+        self.tiled_decodes = self.tiled_encodes = 0  # images decoded / encoded in tiles (for tests and logs)
 
     def _tiled(self, module, unit: int, tile: int) -> TiledForward:
         return TiledForward(self.vae, module, unit, lambda _model, _layout: tile, self.mode)
@@ -123,6 +123,7 @@ class VaeWrappers:
                 if getattr(model, "quant_conv", None) is not None:
                     moments = model.quant_conv(moments)
                 latents.append(self.sample_posterior(moments, regulation).to(vae.output_device).float())
+                self.tiled_encodes += 1
         return torch.cat(latents)
 
 
@@ -159,7 +160,8 @@ class TiledVae:
 
 class SmallPreviews:
     """An instance patch of ``shared.state.do_set_current_image`` that previews a downscaled copy of a large
-    latent (the progress thread's decode), removed by ``remove()``."""
+    latent (the progress thread's decode), removed by ``remove()``. The sampler's own latent is put back after
+    the preview, unless the sampler stored a newer one meanwhile (the preview runs on the progress thread)."""
 
     def __init__(self, state):
         self.state, self._set = state, state.do_set_current_image
@@ -167,12 +169,24 @@ class SmallPreviews:
 
     def __call__(self):
         latent = self.state.current_latent
-        if isinstance(latent, torch.Tensor) and latent.dim() == 4:
-            self.state.current_latent = shrink_latent(latent)
-        return self._set()
+        small = shrink_latent(latent) if isinstance(latent, torch.Tensor) and latent.dim() == 4 else latent
+        if small is latent:
+            return self._set()
+        self.state.current_latent = small
+        try:
+            return self._set()
+        finally:
+            if self.state.current_latent is small:
+                self.state.current_latent = latent
 
     def remove(self) -> None:
         self.patch.remove()
+
+
+def progress_state():
+    """``shared.state``, whose ``do_set_current_image`` the progress thread calls for live previews."""
+    from modules import shared
+    return shared.state
 
 
 def post_sample(p, ps, tile_for=None) -> None:

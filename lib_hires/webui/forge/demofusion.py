@@ -25,14 +25,14 @@ import functools
 import torch
 
 from lib_hires.demofusion import (DemoFusionSettings, FusedDenoiser, Stage, StagePlan, dilated_size, local_views,
-                                  plan_calls, restandardize, row_stats, skip_residual, skip_weight, upsample_latent)
-from lib_hires.demofusion.step_starts import StepStarts, tracked_call
+                                  plan_calls)
 from lib_hires.settings import TITLE, ScaleFusionSettings
-from lib_hires.webui.demofusion_sampler import (JITTER_SEED, StagedRun, _refiner_switches, engine_settings,
-                                                img2img_noise, sampler_reason, stage_plan)
+from lib_hires.webui.demofusion_sampler import (SkipResidualSteps, StagedRun, _refiner_switches, sampler_reason,
+                                                stage_plan)
 from lib_hires.webui.instance_patch import InstancePatch
 from lib_hires.webui.messages import RequestError, log
 
+from . import decoding
 from .demofusion_views import ControlViews, ViewFunction, ViewsUnsupported
 from .sdxl_size import FinalSizeModifier, ForgeSizeConditioning
 
@@ -203,41 +203,6 @@ class StageViews:
             objects.unet = self.unet
 
 
-class StageSampling:
-    """The skip residual at every step start of the stage's sampler (instance patches; ``remove()``)."""
-
-    def __init__(self, sampler, z_up, noise, cosine_scale_1: float, sigma_to_t, sampler_name: str):
-        self.sampler, self.cfg = sampler, sampler.model_wrap_cfg
-        self.z_up, self.noise, self.cosine_scale_1, self.sigma_to_t = z_up, noise, cosine_scale_1, sigma_to_t
-        self.sampler_name = sampler_name
-        self.steps: StepStarts | None = None
-        self._cfg_forward, self._func = self.cfg.forward, sampler.func
-        self.patches = [InstancePatch(self.cfg, "forward", self._forward),
-                        InstancePatch(sampler, "func", functools.wraps(self._func)(
-                            lambda *args, **kwargs: self._run(*args, **kwargs)))]
-
-    def _run(self, *args, **kwargs):
-        """The sampler function itself, probed for its step starts with these very arguments, then run; it keeps
-        the function's signature (``functools.wraps``): Forge picks the arguments it passes from it."""
-        self.steps, args, kwargs = tracked_call(
-            self._func, lambda pattern, x: StepStarts(pattern, x, self.sampler_name), *args, **kwargs)
-        try:
-            return self._func(*args, **kwargs)
-        finally:
-            self.steps = None
-
-    def _forward(self, x, sigma, *args, **kwargs):
-        if self.steps is not None and self.steps.is_start(x):
-            c1 = skip_weight(self.sigma_to_t(sigma), self.cosine_scale_1)
-            x.copy_(skip_residual(x, self.z_up, self.noise, sigma, c1))
-            self.steps.applied(x)
-        return self._cfg_forward(x, sigma, *args, **kwargs)
-
-    def remove(self) -> None:
-        for patch in reversed(self.patches):
-            patch.remove()
-
-
 class ForgeDemoFusionRun(StagedRun):
     """Takes the place of ``p.sample`` for one Forge job; the job calls :meth:`start_pass` from
     ``process_before_every_sampling``."""
@@ -278,45 +243,16 @@ class ForgeDemoFusionRun(StagedRun):
             self._remove_hooks()
             self.stage = None
 
-    def _stages(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
-        from modules import shared
+    def _size_conditioning(self) -> ForgeSizeConditioning | None:
+        size_cond = ForgeSizeConditioning(self.p.sd_model, self.plan.final.width, self.plan.final.height)
+        if size_cond.available:
+            return size_cond
+        log("warning: this SDXL model has no size embedder; views keep Forge's size conditioning")
+        return None
 
-        p, settings, info = self.p, self.job.settings, self.job.info
-        engine = engine_settings(settings, info)
-        self.plan = stage_plan(settings, info, p.width, p.height)
-        p.extra_generation_params["DemoFusion final size"] = f"{self.plan.final.width}x{self.plan.final.height}"
-        self._refine_job_count()
-        if getattr(p.sd_model, "is_sdxl", False):
-            self.size_cond = ForgeSizeConditioning(p.sd_model, self.plan.final.width, self.plan.final.height)
-            if not self.size_cond.available:
-                log("warning: this SDXL model has no size embedder; views keep Forge's size conditioning")
-                self.size_cond = None
-        log(self.plan.describe(engine.view_batch))
-
-        self.stage = self.plan.stages[0]
-        shared.state.textinfo = self._progress_text(self.stage)
-        if self.is_img2img:
-            z = p.init_latent
-        else:
-            z = self.original_sample(conditioning=conditioning, unconditional_conditioning=unconditional_conditioning,
-                                     seeds=seeds, subseeds=subseeds, subseed_strength=subseed_strength,
-                                     prompts=prompts)
+    def _end_first_stage(self) -> None:
         self._remove_hooks()
         self.job.end_pass()
-        anchor = row_stats(z)
-        jitter = torch.Generator().manual_seed(JITTER_SEED)
-        for stage in self.plan.stages[1:]:
-            if self._stopped():
-                break
-            if settings.save_stages and not p.do_not_save_samples and not (self.is_img2img and self.stage.index == 1):
-                self._save_stage(z, self.stage.index)
-            shared.state.nextjob()
-            self.stage = stage
-            shared.state.textinfo = self._progress_text(stage)
-            z = self._sample_stage(stage, z, conditioning, unconditional_conditioning, engine, jitter)
-            if not self._stopped():
-                z = restandardize(z, *anchor)
-        return z
 
     def _save_stage(self, z, index: int) -> None:
         """An intermediate stage's images beside the final ones ("-stage1", ...), decoded by Forge."""
@@ -325,8 +261,12 @@ class ForgeDemoFusionRun(StagedRun):
         from modules import devices, images, processing, shared
 
         p = self.p
-        for i, image in enumerate(processing.decode_latent_batch(p.sd_model, z, target_device=devices.cpu,
-                                                                 check_for_nans=True)):
+        tiling = decoding.TiledVae(p.sd_model)  # a big stage in tiles, as the final decode (post_sample)
+        try:
+            decoded = processing.decode_latent_batch(p.sd_model, z, target_device=devices.cpu, check_for_nans=True)
+        finally:
+            tiling.remove()
+        for i, image in enumerate(decoded):
             array = (torch.clamp((image.float() + 1) / 2, 0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
             position = p.iteration * p.batch_size + i
             info = processing.create_infotext(p, p.all_prompts, p.all_seeds, p.all_subseeds, iteration=p.iteration,
@@ -336,15 +276,10 @@ class ForgeDemoFusionRun(StagedRun):
                               p=p, suffix=f"-stage{index}")
 
     def _sample_stage(self, stage: Stage, z, c, uc, engine: DemoFusionSettings, jitter):
-        from modules import rng, sd_models, sd_samplers
+        from modules import sd_models
 
         p = self.p
-        z_up = upsample_latent(z, stage.latent_size)
-        p.rng = rng.ImageRNG(z_up.shape[1:], p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
-                             seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
-        noise = img2img_noise(p, p.rng.next()) if self.is_img2img else p.rng.next()
-        p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
-        image_conditioning = p.txt2img_image_conditioning(z_up, stage.width, stage.height)
+        z_up, noise, image_conditioning = self._stage_start(stage, z)
         # As Forge's own passes: every pass patches fresh clones of the LoRA'd objects.
         p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
         sd_models.apply_token_merging(p.sd_model, p.get_token_merging_ratio())
@@ -357,8 +292,8 @@ class ForgeDemoFusionRun(StagedRun):
         try:
             views = StageViews(p, stage, engine, jitter, self.size_cond, self._check_interrupt)
             self.fused.append(views.fused)
-            sampling = StageSampling(p.sampler, z_up, noise, engine.cosine_scale_1,
-                                     p.sd_model.forge_objects.unet.model.predictor.timestep, p.sampler_name)
+            sampling = SkipResidualSteps(p.sampler, z_up, noise, engine.cosine_scale_1,
+                                         p.sd_model.forge_objects.unet.model.predictor.timestep, p.sampler_name)
             # Forge's own partial start, as its hires pass and img2img: at stage strength 1 and the same steps,
             # the official full schedule from z' + sigma_max * noise.
             p.denoising_strength = start.strength

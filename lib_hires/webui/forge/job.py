@@ -50,17 +50,43 @@ class ForgeJob:
         self.run = ForgeDemoFusionRun(p, self, original_sample) if settings.method == DF else None
 
         def sample(*args, **kwargs):
+            previews = None
             try:
                 self.model = p.sd_model
                 self.info = self._check_model(p)
                 self._check_request(p)
+                previews = decoding.SmallPreviews(decoding.progress_state())
                 if self.run is not None:
                     return self.run(*args, **kwargs)
                 return original_sample(*args, **kwargs)
             finally:
                 self.end_pass()
+                if previews is not None:
+                    previews.remove()
 
         p.sample = sample
+        original_init = p.init
+
+        def init(*args, **kwargs):
+            # img2img encodes its init images here, before p.sample and before any pass is armed: big ones in
+            # tiles too (on the objects that encode now; Forge resets them before the first pass)
+            tiling = decoding.TiledVae(p.sd_model) if self._encodes_here(p) else None
+            try:
+                return original_init(*args, **kwargs)
+            finally:
+                if tiling is not None:
+                    tiling.remove()
+
+        p.init = init
+
+    def _encodes_here(self, p) -> bool:
+        """Whether p.init's encode is one this job tiles: a model the job can run on (any other is refused when
+        p.sample starts, so its encode is left to Forge)."""
+        try:
+            forge_model.describe(p.sd_model, self.settings.native_size)
+        except UnsupportedModelError:
+            return False
+        return True
 
     def _check_model(self, p) -> ModelInfo:
         try:
@@ -86,6 +112,9 @@ class ForgeJob:
         self.end_pass()
         if self.info is None:  # before p.sample (not reached in Forge), or the job was refused
             return
+        # This pass's decodes and encodes of big latents in tiles: those Forge makes inside p.sample (the hires
+        # pass encodes the first pass's images before its resets, so under this hook, and decodes its own).
+        self._add(decoding.TiledVae(p.sd_model))
         if self.run is not None:
             self.run.start_pass(p, x)
             return
