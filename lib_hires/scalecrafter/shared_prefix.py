@@ -49,18 +49,48 @@ def shared_blocks(order: Sequence[str], main: Mapping[str, float], base: Mapping
     return prefix
 
 
+def shared_prefix_at(order: Sequence[str] | None, plan, t: float) -> list[str]:
+    """The blocks of ``order`` that ``plan``'s base call at timestep ``t`` shares with its main call; empty
+    where none are worth it (no base set at ``t``, no known structure, or nothing beyond the embeddings)."""
+    base = plan.base_at(t)
+    if order is None or base is None:
+        return []
+    prefix = shared_blocks(order, plan.main_at(t), base)
+    return prefix if any(n.startswith(("input_blocks.", "middle_block", "output_blocks.")) for n in prefix) else []
+
+
 def _rows(value, batch: int, rows: int):
     if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
         return value[batch - rows:]
     return value
 
 
+def _versions(value) -> list[int]:
+    """The in-place version counters of the tensors in ``value`` (views share their base's counter); -1 for
+    inference-mode tensors, which keep none."""
+    if isinstance(value, torch.Tensor):
+        return [-1 if value.is_inference() else value._version]
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _versions(item)]
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _versions(item)]
+    return []
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same elements of the same memory: equal values without reading them (no device sync)."""
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())
+
+
 def _same(a, b) -> bool:
     if a is b:
         return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device):
+            return False
+        return _aliases(a, b) or torch.equal(a, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
@@ -89,8 +119,8 @@ class SharedPrefix:
         self._rows: int | None = None
         self._replaying = False
         self._active: frozenset[str] = frozenset()  # blocks recorded / replayed in the current UNet call
-        self._recorded: dict[str, tuple[tuple, dict, Any]] = {}
-        self._patched: list[tuple[nn.Module, bool, Any]] = []
+        self._recorded: dict[str, tuple[tuple, dict, Any, list[int]]] = {}  # args, kwargs, out, versions
+        self._patched: list[tuple[nn.Module, bool, Any, Any]] = []
         self._pre_hook = None
         if self.order is None:
             return
@@ -104,15 +134,8 @@ class SharedPrefix:
             raise
 
     def prefix_at(self, t: float) -> list[str]:
-        """The blocks the base call at timestep ``t`` shares with the main call; empty where none are worth it
-        (no base set, no structure, or nothing beyond the time embedding)."""
-        plan = self.controller.plan
-        base = plan.base_at(t)
-        if self.order is None or base is None:
-            return []
-        prefix = shared_blocks(self.order, plan.main_at(t), base)
-        return prefix if any(n.startswith(("input_blocks.", "middle_block", "output_blocks.")) for n in prefix) \
-            else []
+        """The blocks the base call at timestep ``t`` shares with the main call (see :func:`shared_prefix_at`)."""
+        return shared_prefix_at(self.order, self.controller.plan, t)
 
     def _on_unet_call(self, module, args, kwargs):
         call = self.controller.last_call
@@ -138,7 +161,10 @@ class SharedPrefix:
                 return original(*args, **kwargs)
             if self._replaying:
                 recorded = self._recorded.get(name)
-                if recorded is not None and _same(args, recorded[0]) and _same(kwargs, recorded[1]):
+                # a recording whose memory was written in place since (by anyone) no longer holds what the
+                # main call computed; the version counters say so without reading the tensors
+                if recorded is not None and _versions(recorded[:3]) == recorded[3] \
+                        and _same(args, recorded[0]) and _same(kwargs, recorded[1]):
                     self.hits += 1
                     return recorded[2]
                 self.misses += 1
@@ -149,12 +175,13 @@ class SharedPrefix:
             if batch is not None and rows is not None and batch >= rows and isinstance(out, torch.Tensor) \
                     and out.shape[0] == batch:
                 # views, not copies: the main call holds these tensors as skips anyway
-                self._recorded[name] = (tuple(_rows(a, batch, rows) for a in args),
-                                        {k: _rows(v, batch, rows) for k, v in kwargs.items()}, out[batch - rows:])
+                entry = (tuple(_rows(a, batch, rows) for a in args),
+                         {k: _rows(v, batch, rows) for k, v in kwargs.items()}, out[batch - rows:])
+                self._recorded[name] = (*entry, _versions(entry))
             return out
 
         block.forward = forward
-        self._patched.append((block, had_own, original))
+        self._patched.append((block, had_own, original, forward))
 
     @contextmanager
     def recording(self, rows: int) -> Iterator[None]:
@@ -188,7 +215,9 @@ class SharedPrefix:
         if self._pre_hook is not None:
             self._pre_hook.remove()
             self._pre_hook = None
-        for block, had_own, original in reversed(self._patched):
+        for block, had_own, original, ours in reversed(self._patched):
+            if vars(block).get("forward") is not ours:
+                continue  # patched again on top of ours: leave that chain; ours is inert now (nothing active)
             if had_own:
                 block.forward = original
             else:
