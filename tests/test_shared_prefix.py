@@ -323,4 +323,5 @@ def test_webui_batch_layouts_share_or_fall_back_with_the_same_result(k_diffusion
             active.remove()
         assert not vars(unet.input_blocks[0]).get("forward")
     close(results[1], results[0])
-    assert (hits > 0) == shares
+    # falling back, at most the time embedding replays (every row has the same timestep)
+    assert (hits > 1) == shares
