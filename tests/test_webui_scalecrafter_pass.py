@@ -40,7 +40,8 @@ class StandInCFGDenoiser:
         x_in = torch.cat([torch.stack([x[i]] * n) for i, n in enumerate(repeats)] + [x])
         sigma_in = torch.cat([torch.stack([sigma[i]] * n) for i, n in enumerate(repeats)] + [sigma])
         image_cond_in = torch.cat([torch.stack([image_cond[i]] * n) for i, n in enumerate(repeats)] + [image_cond])
-        params = SimpleNamespace(x=x_in, sigma=sigma_in, image_cond=image_cond_in, denoiser=self)
+        params = SimpleNamespace(x=x_in, sigma=sigma_in, image_cond=image_cond_in, text_cond=cond, text_uncond=uncond,
+                                 denoiser=self)
         on_cfg_denoiser(params)
         cond_in = torch.cat([cond, uncond])
         x_out = self.inner_model(params.x, params.sigma, cond={"c_crossattn": [cond_in], "c_concat": [params.image_cond]})

@@ -40,17 +40,20 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from lib_hires.scalecrafter import (NoiseDampedCFG, ScaleCrafterController, ScaleCrafterSettings, build_plan,
-                                    disperse_weight, dispersion_transform, redilated_conv2d)
+from lib_hires.scalecrafter import (NoiseDampedCFG, ScaleCrafterController, ScaleCrafterSettings, SharedPrefix,
+                                    build_plan, disperse_weight, dispersion_transform, redilated_conv2d)
+from lib_hires.scalecrafter.shared_prefix import execution_order, shared_prefix_at
 from lib_hires.scalecrafter.redilated_conv import conv_output_size
 from tools.kdiffusion_compat import load_k_diffusion
 from tools.peak_memory import peak_rss, reset_peak_rss
 from tools.tiny_ldm import TinyLatentDiffusion
 from tools.unet_factory import FULL, build_unet, example_inputs
+from tools.unet_flops import block_flops, shared_fraction
 
 T_EVAL = 981.0
 TIME_CONFIGS = ("vanilla", "redilated", "dispersed", "dispersed_precomputed", "cfg", "noise_damped_cfg")
 MEMORY_CONFIGS = ("vanilla", "redilated", "dispersed", "dispersed_precomputed")
+PREFIX_CONFIGS = ("cfg", "noise_damped_cfg", "shared_prefix_cfg")
 
 
 @dataclass(frozen=True)
@@ -139,8 +142,8 @@ class Bench:
     def unet_call(self):
         self.unet(self.x[:1], self.t[:1], **self.cond_kwargs)
 
-    def guided_step(self, controller):
-        guided = NoiseDampedCFG(self.denoiser, controller, sigma_to_t=self.denoiser.sigma_to_t)
+    def guided_step(self, controller, prefix=None):
+        guided = NoiseDampedCFG(self.denoiser, controller, sigma_to_t=self.denoiser.sigma_to_t, prefix=prefix)
         guided(self.x[:1], self.sigma, cond=self.cond, uncond=self.uncond, cond_scale=7.5)
         return guided.evaluations
 
@@ -157,11 +160,23 @@ class Bench:
                 seconds = self._timed(self.unet_call)  # the kernels were made on entry, as a UNet copy's are
             assert used[0] > 0 or not self.plan_dispersed.dispersed
             return seconds, 1
-        plan = self.plan if config == "cfg" else self.plan_damped
-        with ScaleCrafterController(self.unet, plan) as controller:
-            samples = []
-            seconds = self._timed(lambda: samples.append(self.guided_step(controller)))
-            return seconds, samples[0]
+        if config == "shared_prefix_cfg":
+            with ScaleCrafterController(self.unet, self.plan_damped) as controller:
+                prefix = SharedPrefix(self.unet, controller)
+                try:
+                    samples = []
+                    seconds = self._timed(lambda: samples.append(self.guided_step(controller, prefix)))
+                    if shared_prefix_at(prefix.order, self.plan_damped, T_EVAL):
+                        assert prefix.hits > 0, "the shared prefix was not replayed"
+                    return seconds, samples[0]
+                finally:
+                    prefix.remove()
+        if config in ("cfg", "noise_damped_cfg"):
+            plan = self.plan if config == "cfg" else self.plan_damped
+            with ScaleCrafterController(self.unet, plan) as controller:
+                samples = []
+                seconds = self._timed(lambda: samples.append(self.guided_step(controller)))
+                return seconds, samples[0]
         raise ValueError(config)
 
     def _timed(self, fn) -> float:
@@ -275,6 +290,61 @@ def benchmark(spec: Spec, args) -> dict:
             "seconds": times, "memory_bytes": memory, **results}
 
 
+def preset_name(spec: Spec) -> str:
+    """The official preset a spec's plan follows: its output size at the family's training size."""
+    train = {"sd1": 512, "sd2": 768, "sdxl": 1024}[spec.family]
+    side = spec.pixels * train // (spec.train_size or train)
+    return f"{'sd1.5' if spec.family == 'sd1' else spec.family}_{side}x{side}"
+
+
+def benchmark_shared_prefix(spec: Spec, args) -> dict:
+    """Time per guided step of plain CFG, noise-damped CFG with a separate base call and with the shared
+    prefix, side by side in rounds; ``f`` counted from the layers at the benchmark's latent and the real one."""
+    dtype = getattr(torch, args.dtype)
+    name = preset_name(spec)
+    latent = spec.pixels // 8
+    print(f"\n== {name}: {spec.family.upper()} UNet, latent {latent}^2 ({spec}), {args.device} {args.dtype}, "
+          f"{args.rounds} rounds ==", flush=True)
+    start = time.perf_counter()
+    bench = Bench(spec, args.device, dtype, args.model_size)
+    print(f"  built in {time.perf_counter() - start:.0f} s")
+    print("  " + bench.plan_damped.describe().replace("\n", "\n  "))
+    prefix = shared_prefix_at(execution_order(bench.unet), bench.plan_damped, T_EVAL)
+    real_latent = int(name.rsplit("x", 1)[1]) // 8
+    f = shared_fraction(block_flops(spec.family, (latent, latent), size=args.model_size), prefix)
+    f_real = shared_fraction(block_flops(spec.family, (real_latent, real_latent), size=args.model_size), prefix)
+    print(f"  shared blocks at t={T_EVAL:g}: {prefix[0] if prefix else '-'} .. {prefix[-1] if prefix else '-'} "
+          f"({len(prefix)}); f = {f:.3f} of an uncond call's FLOPs here, {f_real:.3f} at the real {real_latent}^2",
+          flush=True)
+    for config in PREFIX_CONFIGS:  # warm-up
+        bench.run(config)
+    times: dict[str, list[float]] = {c: [] for c in PREFIX_CONFIGS}
+    for r in range(args.rounds):
+        order = PREFIX_CONFIGS[r % len(PREFIX_CONFIGS):] + PREFIX_CONFIGS[:r % len(PREFIX_CONFIGS)]
+        for config in order:
+            times[config].append(bench.run(config)[0])
+        print(f"  round {r + 1}: " + ", ".join(f"{c} {times[c][-1]:.2f}s" for c in PREFIX_CONFIGS), flush=True)
+    result = {"preset": name, "spec": str(spec), "latent": latent, "shared_blocks": prefix, "f": f,
+              "f_real": f_real, "seconds": times,
+              "ndcfg_time": ratio_stats(times, "noise_damped_cfg", "cfg"),
+              "shared_time": ratio_stats(times, "shared_prefix_cfg", "cfg")}
+    result["target"] = 1.03 * (1.5 - f / 2)
+    result["met"] = result["shared_time"] <= result["target"]
+    return result
+
+
+def print_shared_prefix_table(results: list[dict]) -> None:
+    print("\n| preset | latent here | shared blocks | f here (real size) | plain CFG s/step | noise-damped s/step "
+          "(x plain) | shared prefix s/step (x plain) | target 1.03(1.5-f/2) | met |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        med = {c: statistics.median(v) for c, v in r["seconds"].items()}
+        blocks = f"{r['shared_blocks'][0]}..{r['shared_blocks'][-1]}" if r["shared_blocks"] else "none"
+        print(f"| {r['preset']} | {r['latent']}² | {blocks} | {r['f']:.3f} ({r['f_real']:.3f}) | {med['cfg']:.2f} | "
+              f"{med['noise_damped_cfg']:.2f} ({r['ndcfg_time']:.3f}×) | {med['shared_prefix_cfg']:.2f} "
+              f"({r['shared_time']:.3f}×) | {r['target']:.3f}× | {'yes' if r['met'] else 'NO'} |")
+
+
 def child_main(args) -> int:
     spec = args.spec[0]
     bench = Bench(spec, "cpu", getattr(torch, args.dtype), args.model_size)
@@ -297,10 +367,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--model-size", choices=["full", "tiny"], default="full",
                     help="tiny: the test-size UNets, to check the script itself in seconds")
+    ap.add_argument("--shared-prefix", action="store_true",
+                    help="only plain CFG vs noise-damped CFG vs noise-damped CFG with the shared prefix (issue 22), "
+                         "for the official presets (default specs: sd1:256:64 sdxl:256:64 sd1:256:128 sdxl:256:128)")
     ap.add_argument("--child", choices=MEMORY_CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("float16" if cuda else "float32")
+    if args.spec is None and args.shared_prefix:
+        args.spec = [Spec.parse(s) for s in ("sd1:256:64", "sdxl:256:64", "sd1:256:128", "sdxl:256:128")]
     if args.spec is None:
         args.spec = [Spec.parse(s) for s in (["sd1:1024", "sd1:2048", "sd1:4096", "sdxl:2048", "sdxl:4096"] if cuda
                                              else ["sd1:1024", "sdxl:512:256"])]
@@ -310,7 +385,11 @@ def main(argv=None) -> int:
         return child_main(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name() if cuda else 'CPU'}")
-    results = [benchmark(spec, args) for spec in args.spec]
+    if args.shared_prefix:
+        results = [benchmark_shared_prefix(spec, args) for spec in args.spec]
+        print_shared_prefix_table(results)
+    else:
+        results = [benchmark(spec, args) for spec in args.spec]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

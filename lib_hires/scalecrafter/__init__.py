@@ -11,11 +11,12 @@ from .plan import ScaleCrafterPlan, build_plan, resolve_dilations
 from .presets import OFFICIAL, Preset, preset_for
 from .redilated_conv import RedilationHandle, redilate, redilated_conv2d
 from .schedule import official_step, official_timestep, scheduled_factor
+from .shared_prefix import SharedPrefix
 from .settings import ScaleCrafterSettings, SettingsError
 
 __all__ = [
     "FAMILIES", "OFFICIAL", "ConvSite", "NoiseDampedCFG", "Preset", "RedilationHandle", "ScaleCrafterController",
-    "ScaleCrafterPlan", "ScaleCrafterSettings", "SettingsError", "UNetLayout", "UnsupportedUNetError", "build_plan",
+    "ScaleCrafterPlan", "ScaleCrafterSettings", "SettingsError", "SharedPrefix", "UNetLayout", "UnsupportedUNetError", "build_plan",
     "canonical_layout", "disperse_weight", "dispersed_conv2d", "dispersion_transform", "guided_combine",
     "infer_family", "official_step", "official_timestep", "preset_for", "redilate", "redilated_conv2d",
     "resolve_dilations", "scan_unet", "scheduled_factor", "training_size",

@@ -8,6 +8,7 @@ CFG batch: the cond rows of every image (one per AND-subprompt) first, the ``bat
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
@@ -57,13 +58,17 @@ class NoiseDampedCFG:
     ``cond``/``uncond`` are tensors (or dicts of tensors, as SDXL's crossattn + vector) with one row per
     subprompt / image. While ``controller.plan`` has a base set at the current timestep, one extra
     uncond-only evaluation runs in the controller's base mode; otherwise this is plain CFG.
-    ``evaluations`` counts UNet samples, to check that cost.
+    ``evaluations`` counts UNet samples, to check that cost. ``prefix`` (a :class:`SharedPrefix` on the
+    controller's UNet) lets that evaluation reuse the blocks it shares with the main call's uncond rows;
+    without one it runs in full.
     """
 
-    def __init__(self, denoiser: Callable, controller=None, *, sigma_to_t: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, denoiser: Callable, controller=None, *, sigma_to_t: Callable[[torch.Tensor], torch.Tensor],
+                 prefix=None):
         self.denoiser = denoiser
         self.controller = controller
         self.sigma_to_t = sigma_to_t
+        self.prefix = prefix
         self.evaluations = 0
 
     def __call__(self, x, sigma, *, cond, uncond, cond_scale: float, conds_list: CondsList | None = None):
@@ -71,13 +76,21 @@ class NoiseDampedCFG:
         conds_list = conds_list or [[(i, 1.0)] for i in range(batch)]
         image_of_row = torch.tensor([i for i, conds in enumerate(conds_list) for _ in conds] + list(range(batch)),
                                     device=x.device)
-        x_out = self.denoiser(x[image_of_row], sigma[image_of_row], cond=_cat(cond, uncond))
-        self.evaluations += len(image_of_row)
-        base = None
+        damped = False
         if self.controller is not None and cond_scale != 1.0:
-            t = float(self.sigma_to_t(sigma.max()))
-            if self.controller.plan.base_at(t) is not None:
-                with self.controller.base_pass():
+            damped = self.controller.plan.base_at(float(self.sigma_to_t(sigma.max()))) is not None
+        prefix = self.prefix if damped else None
+        try:
+            # the uncond rows come last in the CFG batch: those are the rows the base call shares
+            with prefix.recording(batch) if prefix is not None else nullcontext():
+                x_out = self.denoiser(x[image_of_row], sigma[image_of_row], cond=_cat(cond, uncond))
+            self.evaluations += len(image_of_row)
+            base = None
+            if damped:
+                with self.controller.base_pass(), prefix.replaying() if prefix is not None else nullcontext():
                     base = self.denoiser(x, sigma, cond=uncond)
                 self.evaluations += batch
+        finally:
+            if prefix is not None:
+                prefix.clear()
         return guided_combine(x_out, conds_list, cond_scale, base)

@@ -3,7 +3,9 @@
 A pass is armed in ``process_before_every_sampling`` (so the hires pass gets a plan for its own latent
 size) and disarmed when sampling ends. Noise-damped CFG patches ``combine_denoised`` on the fresh
 sampler's ``CFGDenoiser`` *instance*; the denoiser's inputs reach it through an ``on_cfg_denoiser``
-callback that the Script registers once and that does nothing unless a pass is armed.
+callback that the Script registers once and that does nothing unless a pass is armed. That callback also
+starts recording the shared prefix (``SharedPrefix``) for the uncond rows, which the WebUI's CFG batch puts
+last; the base call in ``combine_denoised`` then replays the blocks it shares with the main call.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lib_hires.scalecrafter import ScaleCrafterController, ScaleCrafterPlan, build_plan
+from lib_hires.scalecrafter import ScaleCrafterController, ScaleCrafterPlan, SharedPrefix, build_plan
 from lib_hires.settings import ScaleFusionSettings, SettingsError
 
 from .lora_functional import FunctionalLoraDeltas
@@ -22,6 +24,11 @@ class _Capture:
     """The armed CFG denoiser and the last ``CFGDenoiserParams`` it produced."""
     denoiser: Any = None
     params: Any = None
+    prefix: Any = None  # the armed pass's SharedPrefix
+
+
+def _uncond_rows(uncond) -> int:
+    return uncond["crossattn"].shape[0] if isinstance(uncond, dict) else uncond.shape[0]
 
 
 _capture = _Capture()
@@ -31,6 +38,9 @@ def on_cfg_denoiser(params) -> None:
     """``script_callbacks.on_cfg_denoiser`` callback: keeps the params of the armed denoiser only."""
     if _capture.denoiser is not None and params.denoiser is _capture.denoiser:
         _capture.params = params
+        uncond = getattr(params, "text_uncond", None)
+        if _capture.prefix is not None and uncond is not None:
+            _capture.prefix.start_recording(_uncond_rows(uncond))
 
 
 def plan_for_latent(info: ModelInfo, settings: ScaleFusionSettings, latent_hw: tuple[int, int]) -> ScaleCrafterPlan:
@@ -66,13 +76,20 @@ class ScaleCrafterPass:
         self.cfg_denoiser = cfg_denoiser
         self.sd_model = sd_model
         self.base_evaluations = 0
+        self.prefix = None
         self._patched = False
         if plan.base is not None and cfg_denoiser is not None:
+            try:
+                self.prefix = SharedPrefix(info.unet, self.controller)
+            except BaseException:
+                self.lora_deltas.remove()
+                self.controller.remove()
+                raise
             self._original_combine = cfg_denoiser.combine_denoised  # another extension's patch, or the method
             self._had_own_combine = "combine_denoised" in vars(cfg_denoiser)
             cfg_denoiser.combine_denoised = self._combine
             self._patched = True
-            _capture.denoiser, _capture.params = cfg_denoiser, None
+            _capture.denoiser, _capture.params, _capture.prefix = cfg_denoiser, None, self.prefix
 
     def _guided(self, x_out: torch.Tensor, conds_list, rows: int, cond_scale: float) -> bool:
         """Whether ``combine_denoised`` guides with the uncond rows; not where the WebUI skipped them.
@@ -97,18 +114,22 @@ class ScaleCrafterPass:
             return None
         if self.plan.base_at(call[0]) is None:
             return None
-        rows = uncond["crossattn"].shape[0] if isinstance(uncond, dict) else uncond.shape[0]
+        rows = _uncond_rows(uncond)
         if not self._guided(x_out, conds_list, rows, cond_scale):
             return None
         x, sigma, image_cond = params.x[-rows:], params.sigma[-rows:], params.image_cond[-rows:]
-        with self.controller.base_pass():
+        with self.controller.base_pass(), self.prefix.replaying():
             base = self.cfg_denoiser.inner_model(x, sigma, cond=_condition_dict(self.sd_model, uncond, image_cond))
         self.base_evaluations += rows
         return base
 
     def _combine(self, x_out, conds_list, uncond, cond_scale):
-        combined = self._original_combine(x_out, conds_list, uncond, cond_scale)
-        base = self._base_uncond(x_out, conds_list, uncond, cond_scale)
+        self.prefix.stop_recording()  # the main calls are done; another extension's calls from here are its own
+        try:
+            combined = self._original_combine(x_out, conds_list, uncond, cond_scale)
+            base = self._base_uncond(x_out, conds_list, uncond, cond_scale)
+        finally:
+            self.prefix.clear()
         if base is None:
             return combined
         if getattr(self.cfg_denoiser, "need_last_noise_uncond", False):
@@ -121,6 +142,8 @@ class ScaleCrafterPass:
         return combined + (base - x_out[-base.shape[0]:])
 
     def remove(self) -> None:
+        if self.prefix is not None:
+            self.prefix.remove()
         self.lora_deltas.remove()
         self.controller.remove()
         if self._patched:
@@ -130,4 +153,4 @@ class ScaleCrafterPass:
             else:
                 del self.cfg_denoiser.combine_denoised
             if _capture.denoiser is self.cfg_denoiser:
-                _capture.denoiser, _capture.params = None, None
+                _capture.denoiser, _capture.params, _capture.prefix = None, None, None
