@@ -60,3 +60,31 @@ def test_decode_benchmark_compares_tiled_and_full_side_by_side(tmp_path, capsys)
         entry = result["sizes"][size]
         assert entry["full_peak"] > 0 and entry["tiled_peak"] > 0 and entry["time_ratio"] > 0
     assert result["sizes"]["256"]["tiled_peak"] < result["sizes"]["256"]["full_peak"]  # 16-px tiles: far less
+
+
+def test_benchmark_thread_clock_counts_only_the_time_the_timed_thread_runs():
+    import time
+
+    import torch
+
+    bench = benchmark.Bench(benchmark.Spec.parse("sd1:256:64"), "cpu", torch.float32, "tiny", clock="thread")
+    assert bench._timed(lambda: time.sleep(0.3)) < 0.1  # a machine busy elsewhere looks like a sleep to the thread
+    spin = bench._timed(lambda: sum(i * i for i in range(200_000)))
+    assert spin > 0
+
+
+def test_shared_prefix_benchmark_runs_on_the_thread_clock_with_one_torch_thread(tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    out_file = tmp_path / "prefix.json"
+    try:
+        assert benchmark.main(["--model-size", "tiny", "--shared-prefix", "--clock", "thread", "--spec", "sd1:256:64",
+                               "--rounds", "1", "--json", str(out_file)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    (result,) = json.loads(out_file.read_text())
+    assert result["preset"] == "sd1.5_2048x2048" and 0 < result["f"] < 1
+    assert all(s[0] > 0 for s in result["seconds"].values())
+    assert "clock thread" in capsys.readouterr().out

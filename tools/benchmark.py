@@ -9,6 +9,8 @@ of that size (a smaller training size keeps the size ratio at a smaller latent, 
 
 Timing: every configuration runs once per round, rounds rotate the order, and each ratio is taken
 within a round and then the median over rounds (shared machines are noisy; noise only adds time).
+On a shared machine ``--clock thread`` (CPU only) times one torch thread by its own CPU time, so what the
+machine gives other processes is not counted.
 Peak memory: one fresh child process per configuration (CPU: peak RSS of the measured run, weights included,
 with the high-water mark reset after building the UNet, whose own peak would otherwise hide the run's;
 CUDA: max_memory_allocated).
@@ -114,7 +116,9 @@ def precomputed_dispersion(unet: nn.Module, controller: ScaleCrafterController) 
 class Bench:
     """One full-size UNet with inputs, plans and a runner per configuration."""
 
-    def __init__(self, spec: Spec, device: str, dtype: torch.dtype, model_size: str = "full"):
+    def __init__(self, spec: Spec, device: str, dtype: torch.dtype, model_size: str = "full",
+                 clock: str = "wall"):
+        self.clock = time.thread_time if clock == "thread" else time.perf_counter
         self.spec, self.device = spec, device
         self.unet = build_unet(spec.family, size=model_size, device=device, dtype=dtype)
         latent = (spec.pixels // 8, spec.pixels // 8)
@@ -182,12 +186,12 @@ class Bench:
     def _timed(self, fn) -> float:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = self.clock()
         with torch.no_grad():
             fn()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return self.clock() - start
 
     def peak_memory(self, config: str) -> int:
         """Bytes at the peak of one run of ``config`` (CUDA only; CPU uses child processes)."""
@@ -229,7 +233,7 @@ def benchmark(spec: Spec, args) -> dict:
           f"(latent {spec.pixels // 8}^2{', training size ' + str(spec.train_size) if spec.train_size else ''}), "
           f"{args.device} {args.dtype}, {args.rounds} rounds ==", flush=True)
     start = time.perf_counter()
-    bench = Bench(spec, args.device, dtype, args.model_size)
+    bench = Bench(spec, args.device, dtype, args.model_size, args.clock)
     params = sum(p.numel() for p in bench.unet.parameters())
     print(f"  built: {params / 1e6:.1f} M parameters in {time.perf_counter() - start:.0f} s")
     print("  " + bench.plan.describe().replace("\n", "\n  "))
@@ -306,7 +310,7 @@ def benchmark_shared_prefix(spec: Spec, args) -> dict:
     print(f"\n== {name}: {spec.family.upper()} UNet, latent {latent}^2 ({spec}), {args.device} {args.dtype}, "
           f"{args.rounds} rounds ==", flush=True)
     start = time.perf_counter()
-    bench = Bench(spec, args.device, dtype, args.model_size)
+    bench = Bench(spec, args.device, dtype, args.model_size, args.clock)
     print(f"  built in {time.perf_counter() - start:.0f} s")
     print("  " + bench.plan_damped.describe().replace("\n", "\n  "))
     prefix = shared_prefix_at(execution_order(bench.unet), bench.plan_damped, T_EVAL)
@@ -370,6 +374,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shared-prefix", action="store_true",
                     help="only plain CFG vs noise-damped CFG vs noise-damped CFG with the shared prefix (issue 22), "
                          "for the official presets (default specs: sd1:256:64 sdxl:256:64 sd1:256:128 sdxl:256:128)")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="thread (CPU only): one torch thread, timed by the CPU time of the thread that runs every "
+                         "kernel, so time the machine gives to other processes is not counted (for shared machines; "
+                         "cache and memory-bandwidth contention still count)")
     ap.add_argument("--child", choices=MEMORY_CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -379,11 +387,15 @@ def main(argv=None) -> int:
     if args.spec is None:
         args.spec = [Spec.parse(s) for s in (["sd1:1024", "sd1:2048", "sd1:4096", "sdxl:2048", "sdxl:4096"] if cuda
                                              else ["sd1:1024", "sdxl:512:256"])]
+    if args.clock == "thread":
+        if cuda:
+            ap.error("--clock thread times CPU kernels; CUDA kernels run outside the thread's CPU time")
+        torch.set_num_threads(1)  # with one intra-op thread every kernel runs inline on the timed thread
     torch.manual_seed(0)
     torch.set_flush_denormal(True)  # random weights can underflow into denormals, ~100x slower on CPUs
     if args.child:
         return child_main(args)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock {args.clock}, "
           f"{torch.cuda.get_device_name() if cuda else 'CPU'}")
     if args.shared_prefix:
         results = [benchmark_shared_prefix(spec, args) for spec in args.spec]
