@@ -98,6 +98,9 @@ class ProgressState:
     def do_set_current_image(self):
         self.previewed.append((tuple(self.current_latent.shape), "do_set_current_image" in vars(self)))
 
+    def end(self):
+        self.ended = True
+
 
 class FakeBackend:
     """``backend.operations``, ``calc_cond_uncond_batch``, ``backend.memory_management`` (64 GiB free),

@@ -4,6 +4,7 @@ import types
 import pytest
 import torch
 
+from lib_hires.vae.previews import PREVIEW_MAX_SIDE
 from lib_hires.webui.forge import is_forge_model
 from lib_hires.webui.forge import model as forge_model
 from lib_hires.webui.forge import job as forge_job
@@ -141,7 +142,7 @@ def test_the_hires_pass_is_armed_after_forges_second_reset(model):
     run_forge_job(p, settings())
     first, hires_before_reset, hires = armed
     assert first[0] is None  # 128 px at native 128: nothing to dilate
-    assert hires_before_reset[0] is not None and hires[0] is not None and hires[1] == ["ForgeScaleCrafterPass", "TiledVae"]  # one pass at a time
+    assert hires_before_reset[0] is not None and hires[0] is not None and hires[1] == ["ForgeScaleCrafterPass", "SmallPreviews", "TiledVae"]  # one pass at a time
     assert hires_before_reset[0].removed and hires[0].removed
     assert "sampler_pre_cfg_function" in p.sampled_with[1].model_options
     assert "ScaleCrafter hires preset" in p.extra_generation_params
@@ -286,7 +287,7 @@ def test_previews_are_shrunk_while_a_job_samples_and_never_after(backend, model)
     p = FakeForgeTxt2Img(model, width=256, height=256)
     run_forge_job(p, settings())
     assert backend.state.previewed and all(patched for _, patched in backend.state.previewed)
-    assert "do_set_current_image" not in vars(backend.state)
+    assert "do_set_current_image" not in vars(backend.state) and "end" not in vars(backend.state)
     backend.state.previewed.clear()
     failing = FakeForgeTxt2Img(model, width=256, height=256, fail_at_step=1)
     with pytest.raises(RuntimeError, match="the sampler failed"):
@@ -294,3 +295,31 @@ def test_previews_are_shrunk_while_a_job_samples_and_never_after(backend, model)
     assert "do_set_current_image" not in vars(backend.state) and not webui_job._live_hooks
     plain(model, width=256, height=256)
     assert backend.state.previewed[-1] == ((1, 4, 32, 32), False)  # a plain job's previews are Forge's own
+
+
+def test_previews_stay_shrunk_after_sampling_until_postprocess_or_the_end_of_the_job(backend, model):
+    """The final decode in post_sample runs after p.sample returns, while the progress thread still previews the
+    full-size current_latent: that preview is shrunk too (issue 19 §3); state.end() ends a job whose script
+    postprocess never runs."""
+    p = FakeForgeTxt2Img(model, width=256, height=256)
+    active = webui_job.begin(p, [settings().to_dict()], lambda: type(settings())(), ForgeJob)
+    p.init()
+    p.sample()
+    backend.state.previewed.clear()
+    big = torch.zeros(1, 4, 4 * PREVIEW_MAX_SIDE, 4 * PREVIEW_MAX_SIDE)
+    backend.state.current_latent = big
+    backend.state.do_set_current_image()  # the progress thread, during post_sample's decode
+    assert backend.state.previewed[-1] == ((1, 4, PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE), True)
+    active.finish()
+    assert "do_set_current_image" not in vars(backend.state) and not webui_job._live_hooks
+
+    p = FakeForgeTxt2Img(model, width=256, height=256)
+    active = webui_job.begin(p, [settings().to_dict()], lambda: type(settings())(), ForgeJob)
+    p.init()
+    p.sample()
+    backend.state.end()  # a failure after p.sample: the WebUI ends the job, no script callback follows
+    assert backend.state.ended
+    assert "do_set_current_image" not in vars(backend.state) and "end" not in vars(backend.state)
+    active.finish()  # idempotent
+    plain(model, width=256, height=256)
+    assert backend.state.previewed[-1] == ((1, 4, 32, 32), False)

@@ -160,12 +160,20 @@ class TiledVae:
 
 class SmallPreviews:
     """An instance patch of ``shared.state.do_set_current_image`` that previews a downscaled copy of a large
-    latent (the progress thread's decode), removed by ``remove()``. The sampler's own latent is put back after
-    the preview, unless the sampler stored a newer one meanwhile (the preview runs on the progress thread)."""
+    latent (the progress thread's decode), removed by ``remove()`` or by ``state.end()``, which ends every job
+    even where no script runs after a failure. The sampler's own latent is put back after the preview, unless the
+    sampler stored a newer one meanwhile (the preview runs on the progress thread)."""
 
     def __init__(self, state):
         self.state, self._set = state, state.do_set_current_image
-        self.patch = InstancePatch(state, "do_set_current_image", self)
+        self.patches = [InstancePatch(state, "do_set_current_image", self)]
+        if callable(getattr(state, "end", None)):
+            self._end = state.end
+            self.patches.append(InstancePatch(state, "end", self._on_end))
+
+    def _on_end(self, *args, **kwargs):
+        self.remove()
+        return self._end(*args, **kwargs)
 
     def __call__(self):
         latent = self.state.current_latent
@@ -180,7 +188,9 @@ class SmallPreviews:
                 self.state.current_latent = latent
 
     def remove(self) -> None:
-        self.patch.remove()
+        for patch in reversed(self.patches):
+            patch.remove()
+        self.patches = []
 
 
 def progress_state():

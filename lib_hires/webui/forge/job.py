@@ -37,26 +37,31 @@ class ForgeJob:
         self.model = None          # the model object self.info was made for
         self.hooks: list = []      # this pass's hooks
         self.armed: tuple | None = None  # (latent size, infotext key) of this pass's ScaleCrafter, for the refiner
+        # from p.sample until postprocess: the final decode in post_sample runs while the progress thread still
+        # previews current_latent (issue 19 §3, as the A1111 job)
+        self.previews: decoding.SmallPreviews | None = None
         original_sample = p.sample
         self.run = ForgeDemoFusionRun(p, self, original_sample) if settings.method == DF else None
 
         def sample(*args, **kwargs):
-            previews = None
             try:
                 self.model = p.sd_model
                 self.info = self._check_model(p)
                 self._check_request(p)
-                previews = decoding.SmallPreviews(decoding.progress_state())
+                if self.previews is None or not self.previews.patches:
+                    self.previews = decoding.SmallPreviews(decoding.progress_state())
+                    _live_hooks.add(self.previews)
                 _current.job = self  # the on_cfg_denoiser callback follows a refiner switch (follow_sampler)
                 if self.run is not None:
                     return self.run(*args, **kwargs)
                 return original_sample(*args, **kwargs)
+            except BaseException:
+                self._remove_previews()  # no post_sample or postprocess follows
+                raise
             finally:
                 if _current.job is self:
                     _current.job = None
                 self.end_pass()
-                if previews is not None:
-                    previews.remove()
 
         p.sample = sample
         original_init = p.init
@@ -204,5 +209,12 @@ class ForgeJob:
             hook.remove()
             _live_hooks.discard(hook)
 
+    def _remove_previews(self) -> None:
+        if self.previews is not None:
+            self.previews.remove()
+            _live_hooks.discard(self.previews)
+            self.previews = None
+
     def finish(self) -> None:
         self.end_pass()
+        self._remove_previews()
