@@ -42,10 +42,11 @@ class UnetCalls:
 
     def __init__(self):
         self.calls, self.handle = [], None
-        self.options = {}   # stage index: the model_options keys of the UnetPatcher the scripts get
+        self.options = {}   # stage index: how many functions each model_options list of the scripts' UnetPatcher holds
 
     def __call__(self, p):
-        self.options[p.job.run.stage.index] = set(p.sd_model.forge_objects.unet.model_options)
+        self.options[p.job.run.stage.index] = {k: len(v) for k, v in p.sd_model.forge_objects.unet.model_options.items()
+                                               if isinstance(v, list)}
         if self.handle is not None:
             return
         unet = p.sd_model.forge_objects.unet.model.diffusion_model
@@ -131,8 +132,9 @@ def test_the_global_path_is_redilated_and_the_views_are_not(stages):
     assert not plan.is_noop and plan.base is not None  # noise damping asked for: the global path has none (A1111)
     assert p.extra_generation_params["DemoFusion stage 2 global preset"] == short_source(plan.preset.source)
     assert "DemoFusion stage 1 preset" not in p.extra_generation_params
-    assert calls.options[2] == {"sampler_pre_cfg_function"}  # the pass's step check, no noise-damped post-CFG
-    assert calls.options[1] == set()                         # stage 1: nothing armed
+    # each stage's guard (StageGuard); stage 2: the pass's step check too, no noise-damped post-CFG
+    assert calls.options[2] == {"sampler_pre_cfg_function": 2}
+    assert calls.options[1] == {"sampler_pre_cfg_function": 1}   # stage 1: no pass armed
     assert unet_is_clean(tiny_unet("sd1")) and not webui_job._live_hooks
 
 
@@ -161,8 +163,9 @@ def test_both_redilates_stage_1_whole_and_later_stages_on_their_samples(stages):
     # with the vanilla noise-damped base call of the uncond rows at t 600
     assert calls.stage(1) == [((32, 32), 2.0), ((32, 32), 1.0), ((32, 32), 1.0)]
     assert sorted(set(calls.stage(2))) == [((16, 16), 1.0), ((32, 32), 2.0)]
-    assert calls.options[1] == {"sampler_pre_cfg_function", "sampler_post_cfg_function"}  # stage 1: noise damping
-    assert calls.options[2] == {"sampler_pre_cfg_function"}
+    # the stage guard and the pass's step check; stage 1: noise damping
+    assert calls.options[1] == {"sampler_pre_cfg_function": 2, "sampler_post_cfg_function": 1}
+    assert calls.options[2] == {"sampler_pre_cfg_function": 2}
     params = p.extra_generation_params
     assert "DemoFusion stage 1 preset" in params and "DemoFusion stage 2 global preset" in params
     assert params["DemoFusion re-dilation"] == "both"

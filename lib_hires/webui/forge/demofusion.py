@@ -37,16 +37,52 @@ from lib_hires.webui.demofusion_sampler import refiner_reason as a1111_refiner_r
 from lib_hires.webui.instance_patch import InstancePatch
 from lib_hires.webui.messages import RequestError, log
 
-from . import decoding
+from . import decoding, installed
 from .demofusion_views import ControlViews, ViewFunction, ViewsUnsupported
 from .sdxl_size import FinalSizeModifier, ForgeSizeConditioning
 
-# Forge's built-in scripts whose patches read or tile the whole latent (their titles, as their title() says).
+# Forge's built-in scripts whose patches tile the whole latent (their titles, as their title() says). What the
+# others install is read from the patcher that samples, at each step (StageGuard).
 WHOLE_LATENT_SCRIPTS = {
     "MultiDiffusion Integrated": "it tiles the latent itself and takes the same model-function wrapper slot",
-    "SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)":
-        "it blurs with the attention map of one UNet call over the whole latent, which the views replace",
 }
+RESIZED = (f"{TITLE}: DemoFusion cannot run with a patch that resizes the UNet's features ({{what}}; Kohya HRFix "
+           "Integrated shrinks them so): every UNet call DemoFusion makes (stage 1, the local views, the dilated "
+           "samples) is at the model's native size already, which such a patch is made to restore from a larger "
+           "latent, so it would shrink them below it; turn Kohya HRFix (or that patch) off")
+
+
+def resized_refusal(what: str) -> str:
+    return RESIZED.format(what=what)
+
+
+def whole_latent_attention_refusal(name: str) -> str:
+    return (f"{TITLE}: DemoFusion cannot run with {name}: it blurs the latent with the attention map it records "
+            "inside the UNet call of the whole latent, and DemoFusion's later stages make calls of views (windows "
+            "and dilated samples) instead; turn one of them off")
+
+
+class StageGuard:
+    """A pre-CFG function on every stage's UnetPatcher: what the step's ``model_options`` hold (every script's
+    patches, whichever ran first) that DemoFusion cannot run with is refused at the stage's first step, before any
+    UNet call (:mod:`lib_hires.webui.forge.installed`). Clones share it (``__deepcopy__``); inert once removed."""
+
+    def __init__(self):
+        self.active = True
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, model, cond, uncond, x, timestep, model_options):
+        if self.active:
+            name = installed.whole_latent_attention(model_options)
+            if name:
+                raise RequestError(whole_latent_attention_refusal(name))
+            model_options = installed.resize_guarded(model_options, resized_refusal)
+        return model, cond, uncond, x, timestep, model_options
+
+    def remove(self) -> None:
+        self.active = False
 
 
 def _enabled_scripts(p) -> list[str]:
@@ -254,12 +290,14 @@ class ForgeDemoFusionRun(StagedRun):
         self.plan: StagePlan | None = None
         self.stage: Stage | None = None          # the stage being sampled
         self.size_cond: ForgeSizeConditioning | None = None
-        self.hooks: list = []                    # stage 1's conditioning modifier
+        self.hooks: list = []                    # each stage's guard, stage 1's conditioning modifier
         self.fused: list[FusedDenoiser] = []     # each later stage's (and the refiner's), for its counters
         self.refiner_hold: RefinerHold | None = None
 
     def start_pass(self, p, x) -> None:
-        """``process_before_every_sampling`` of a stage. Stage 1 (Forge's own sampling): on SDXL, the final size
+        """``process_before_every_sampling`` of a stage. Every stage: a :class:`StageGuard` (what other scripts
+        install is refused at the stage's first step where DemoFusion cannot run with it). Stage 1 (Forge's own
+        sampling): on SDXL, the final size
         in ``y``; its re-dilation (first stage / both) is the job's own ScaleCrafter pass. A later stage (global
         path / both): the job's pass planned for the dilated samples' size, without noise damping, as in A1111;
         the controller re-dilates only UNet calls of that size, so the local views (one window each) run
@@ -267,6 +305,11 @@ class ForgeDemoFusionRun(StagedRun):
         stage, redilation = self.stage, self.job.settings.redilation
         if stage is None:
             return
+        guard = StageGuard()
+        guarded = p.sd_model.forge_objects.unet.clone()
+        guarded.set_model_sampler_pre_cfg_function(guard)
+        p.sd_model.forge_objects.unet = guarded
+        self.hooks.append(guard)
         if stage.index != 1:
             if redilation in ("global path", "both"):
                 self.job.arm_scalecrafter(p, stage.sample_size, f"DemoFusion stage {stage.index} global preset",

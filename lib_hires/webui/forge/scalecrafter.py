@@ -27,6 +27,8 @@ from lib_hires.settings import TITLE
 from lib_hires.webui.messages import RequestError
 from lib_hires.webui.model_info import ModelInfo
 
+from . import installed
+
 
 @contextmanager
 def forge_conv_weights(conv, x: torch.Tensor):
@@ -54,6 +56,14 @@ CUSTOM_CFG = (f"{TITLE}: noise-damped CFG cannot be combined with another extens
               "(model_options['sampler_cfg_function'], e.g. Dynamic Thresholding or Latent Modifier): it does not "
               "compute uncond + scale x (cond - uncond), whose uncond the base UNet replaces; set Noise-damped CFG "
               "to off or turn that extension off")
+RESIZED = (f"{TITLE}: ScaleCrafter cannot run with a patch that resizes the UNet's features ({{what}}; Kohya HRFix "
+           "Integrated shrinks them so): its re-dilation is planned for the features of the whole latent at each "
+           "level, and would dilate the resized ones by the wrong factor (both are ways to sample above the native "
+           "size); turn Kohya HRFix (or that patch) off, or ScaleCrafter")
+
+
+def resized_refusal(what: str) -> str:
+    return RESIZED.format(what=what)
 
 
 class ForgeScaleCrafterPass:
@@ -76,24 +86,42 @@ class ForgeScaleCrafterPass:
         self.guided = False          # whether this step's CFG computed uncond rows (not at CFG scale 1)
         self.base_evaluations = 0
         self._calc = calc_cond_uncond_batch
+        self._post = None            # the noise-damped CFG post-CFG function, where the pass has one
         this = self
 
         def pre_cfg(model, cond, uncond, x, timestep, model_options):
             if not this.removed:
-                this._check_step(model, model_options)
                 this.guided = uncond is not None
+                this._check_step(model, model_options)
+                model_options = this._step_options(model_options)
             return model, cond, uncond, x, timestep, model_options
 
         patcher.set_model_sampler_pre_cfg_function(pre_cfg)
         if plan.base is not None and noise_damping:
-            patcher.set_model_sampler_post_cfg_function(lambda args: this._noise_damped(args))
+            self._post = lambda args: this._noise_damped(args)
+            patcher.set_model_sampler_post_cfg_function(self._post)
 
     def _check_step(self, model, model_options) -> None:
+        """What the step's ``model_options`` (those of the patcher that samples, with every other extension's
+        patches) hold that the pass cannot run with: refused before the step's first UNet call."""
         if model_options.get("tiled_diffusion"):
             raise RequestError(MULTIDIFFUSION)
         if getattr(model, "diffusion_model", None) is not self.unet:
             raise RequestError(f"{TITLE}: Forge samples with another UNet than the one ScaleCrafter was armed on "
                                "(the model was reloaded during sampling); nothing was re-dilated on it")
+        if self._post is not None and self.guided and "sampler_cfg_function" in model_options:
+            raise RequestError(CUSTOM_CFG)
+
+    def _step_options(self, model_options: dict) -> dict:
+        """The options this step runs with: a block patch that resizes the features is refused where it does
+        (:func:`installed.resize_guarded`), and noise damping runs after every other post-CFG function. SAG and PAG
+        add guidance terms computed from the step's predictions of the re-dilated UNet (SAG from its uncond
+        prediction and the attention map recorded in that call, both of which the base call would replace); the
+        base prediction then takes the uncond's place in the sum only."""
+        model_options = installed.resize_guarded(model_options, resized_refusal)
+        if self._post is not None:
+            model_options = installed.running_last(model_options, self._post)
+        return model_options
 
     def _noise_damped(self, args) -> torch.Tensor:
         """``sampler_post_cfg_function``: ``x0 = base_uncond + w (cond - uncond)``, as ``denoised + (base - uncond)``.
