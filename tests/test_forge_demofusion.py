@@ -163,7 +163,13 @@ def resize(hint, width, height):
 
 
 def broadcast(hint, rows, chunks):
-    return torch.cat([hint] * (rows // hint.shape[0]))
+    """Forge's ``broadcast_image_to``: a one-image hint stays as it is (torch broadcasts it); otherwise the first
+    ``rows // chunks`` images, cycled to that many, once per chunk."""
+    if hint.shape[0] == 1:
+        return hint
+    per_chunk = rows // chunks
+    cycled = hint[torch.arange(per_chunk) % min(per_chunk, hint.shape[0])]
+    return cycled if cycled.shape[0] == rows else torch.cat([cycled] * chunks)
 
 
 def test_controlnet_hints_are_cut_per_view_and_the_whole_latent_call_is_skipped():
@@ -176,7 +182,7 @@ def test_controlnet_hints_are_cut_per_view_and_the_whole_latent_call_is_skipped(
     gate = InstancePatch(head, "get_control", controls.gate)
     assert head.get_control(x, sigma, c, 2) is None  # what calc_cond_uncond_batch asks for the whole latent
 
-    stage_hints = [broadcast(resize(unit.cond_hint_original, 128, 128), 2, 2) for unit in (head, first)]
+    stage_hints = [resize(unit.cond_hint_original, 128, 128).expand(2, -1, -1, -1) for unit in (head, first)]
 
     def reference_denoiser(xv, sv, **cv):
         control = {"output": [sum(F.avg_pool2d(calls[-1].cut(h, 8), 8)[:, :1].repeat(1, 4, 1, 1) * w

@@ -139,7 +139,12 @@ class ControlViews:
             height, width = latent_hw
             hint = self._dtype_hint(unit, self.resize(unit.cond_hint_original, width * VAE_SCALE,
                                                       height * VAE_SCALE))
-            if hint.shape[0] != rows:
+            if hint.shape[0] == 1:
+                # Forge's broadcast leaves a one-image hint as is for torch to broadcast; cut per view, that
+                # would be one row per view, and get_control's own broadcast would then keep the first view's
+                # piece for every view. Each row of the latent gets its copy before the cut instead.
+                hint = hint.expand(rows, *hint.shape[1:])
+            elif hint.shape[0] != rows:
                 hint = self.broadcast(hint, rows, chunks)
             self._stage_hints[key] = hint
         return self._stage_hints[key]
