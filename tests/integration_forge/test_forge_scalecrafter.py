@@ -95,23 +95,30 @@ def test_bad_settings_and_what_forge_cannot_run_answer_422(forge, fresh_plain, s
 
 
 def test_xyz_axes_sweep_the_settings_and_each_cell_describes_only_itself(forge, fresh_plain):
+    """Issue 23 §4: a ScaleFusion number axis x Enabled x a sampler axis in a real Forge."""
     status, scripts = forge.get("/sdapi/v1/script-info")
     assert status == 200, scripts
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     labels = xyz["args"][0]["choices"]
     multiplier = labels.index("[ScaleFusion] ScaleCrafter Dilation multiplier")
-    enabled, nothing = labels.index("[ScaleFusion] Enabled"), labels.index("Nothing")
-    # X: a number axis (csv values), Y: a choice axis (dropdown values); legend, lone images, no sub-grids, ...
-    args = [multiplier, "1, 2", [], enabled, "", ["True", "False"], nothing, "", [],
+    enabled, sampler = labels.index("[ScaleFusion] Enabled"), labels.index("Sampler")
+    # X: a number axis (csv values), Y and Z: choice axes (dropdown values); legend, lone images, no sub-grids, ...
+    args = [multiplier, "1, 2", [], enabled, "", ["True", "False"], sampler, "", ["Euler", "DPM++ 2M"],
             True, True, False, False, False, False, False, 0, False]
     result = forge.txt2img(script_name="x/y/z plot", script_args=args, alwayson_scripts=SMALL_SC, **SMALL)
     assert result.status == 200, result
-    cells = json.loads(result.json["info"])["infotexts"][1:]
-    assert len(cells) == 4  # (1, True), (2, True), (1, False), (2, False)
-    assert [c.split("ScaleCrafter multiplier: ")[1].split(",")[0] for c in cells[:2]] == ["1", "2"]
-    assert all("ScaleFusion" not in c and "ScaleCrafter" not in c for c in cells[2:]), cells[2:]
-    assert differs(result.images[1], result.images[2])  # the grid comes first, then the cells
-    assert np.array_equal(result.images[3], result.images[4])  # off: the multiplier changes nothing
+    cells = json.loads(result.json["info"])["infotexts"]
+    cells = cells[len(cells) - 8:]  # after the grid (one per Z value, then the Z-grid): the 8 cells, X fastest
+    assert len(cells) == 8, cells
+    for z, name in enumerate(["Euler", "DPM++ 2M"]):
+        on, off = cells[4 * z:4 * z + 2], cells[4 * z + 2:4 * z + 4]   # (1, True), (2, True), (1, False), (2, False)
+        assert all(f"Sampler: {name}," in c for c in on + off), (name, on + off)
+        assert [c.split("ScaleCrafter multiplier: ")[1].split(",")[0] for c in on] == ["1", "2"], on
+        assert all("ScaleFusion" not in c and "ScaleCrafter" not in c for c in off), off
+    images = result.images[len(result.images) - 8:]
+    assert differs(images[0], images[1])  # the multiplier changes the ScaleCrafter image
+    assert np.array_equal(images[2], images[3])  # off: the multiplier changes nothing
+    assert differs(images[2], images[6])  # the sampler axis changes the plain image
     assert np.array_equal(forge.txt2img().image, fresh_plain.image)
 
 
