@@ -113,9 +113,9 @@ def test_each_view_of_a_call_gets_the_features_of_its_own_cut_of_a_one_image_hin
 
 
 def test_scalecrafter_redilates_while_the_adapter_adds_its_features(sdxl_unet, t2i):
-    """ScaleCrafter and a T2I-Adapter compose: the adapter's features reach the re-dilated UNet (its effect is
-    the same whether or not the convs are re-dilated, to the extent the features differ) and the re-dilation
-    still changes the output with the adapter on."""
+    """ScaleCrafter and a T2I-Adapter compose: the adapter's features reach the re-dilated UNet (the output with
+    them differs from the re-dilated one without) and the re-dilation still changes the output with the adapter
+    on (it differs from the vanilla UNet with the same features)."""
     from lib_hires.scalecrafter import ScaleCrafterController, build_plan
     from lib_hires.webui.forge.scalecrafter import forge_conv_weights
 
