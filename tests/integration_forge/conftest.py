@@ -140,6 +140,16 @@ def gradient_png(size: int) -> str:
     return png_b64(Image.radial_gradient("L").convert("RGB").resize((size, size)))
 
 
+def differs(a: np.ndarray, b: np.ndarray, at_least: float = 1.0) -> bool:
+    """Same shape and a mean difference of at least ``at_least`` levels; ``at_least=0``: any difference (for faint
+    effects of images that the same request reproduces bit for bit)."""
+    if a.shape != b.shape:
+        return False
+    if at_least <= 0:
+        return not np.array_equal(a, b)
+    return float(np.abs(a.astype(float) - b.astype(float)).mean()) >= at_least
+
+
 def scalefusion(**settings) -> dict:
     """``alwayson_scripts`` turning ScaleFusion on with the given settings (named, as the API accepts them)."""
     return {TITLE: {"args": [{"enabled": True, **settings}]}}

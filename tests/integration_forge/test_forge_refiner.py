@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.integration_forge.conftest import scalefusion
+from tests.integration_forge.conftest import differs, scalefusion
 from tests.integration_forge.fixture_sd1 import SEED, ensure_fixture
 
 REFINER_PREFIX = "scalefusion-forge-refiner"   # not matched by the base fixture's stale-file glob
@@ -24,9 +24,6 @@ def refiner(forge_servers, sd1_checkpoint) -> str:
     assert status == 200 and names, listed
     return names[0]
 
-
-def differs(a: np.ndarray, b: np.ndarray, at_least: float = 1.0) -> bool:
-    return a.shape == b.shape and float(np.abs(a.astype(float) - b.astype(float)).mean()) >= at_least
 
 
 def test_scalecrafter_follows_the_refiner(forge, fresh_plain, refiner):

@@ -9,16 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration_forge.conftest import scalefusion
+from tests.integration_forge.conftest import differs, scalefusion
 
 SC = dict(method="ScaleCrafter")
 # native size 128 makes a 256 px request a 2x one (the official 2x preset) at a CPU-friendly size
 SMALL = dict(width=256, height=256, steps=3)
 SMALL_SC = scalefusion(native_size=128, **SC)
 
-
-def differs(a: np.ndarray, b: np.ndarray, at_least: float = 1.0) -> bool:
-    return a.shape == b.shape and float(np.abs(a.astype(float) - b.astype(float)).mean()) >= at_least
 
 
 def test_scalecrafter_1024_from_sd1_is_the_right_size_deterministic_and_changes_the_image(forge, fresh_plain):
